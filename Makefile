@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make demo` (set up, run the main job) and `make test`.
+# CPU torch is installed where no NVIDIA GPU is present (torch==2.13.0 is the CPU build in this
+# project's machines' wheel cache); set TORCH to choose another, e.g.
+#   make demo TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/poise eval --model tiny-reasoner --n 50 --samples 8
+
+test: setup
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

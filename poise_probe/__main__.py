@@ -1,0 +1,3 @@
+from poise_probe.cli import main
+
+raise SystemExit(main())
