@@ -1,0 +1,771 @@
+"""Run untrusted Python (model-written code, test programs) in an isolated, resource-capped child.
+
+What is enforced, from strongest to weakest setting (the child decides at start and reports it in
+`SandboxResult.isolation`):
+
+* Host is root (the normal case on our training machines): the child enters new mount, network,
+  IPC and PID namespaces. The whole filesystem is remounted read-only; the working directory
+  (same path as the host's fresh temp dir) and ``/dev/shm`` are private, size-capped tmpfs mounts,
+  so writes anywhere else fail and nothing written reaches the host. A small init (PID 1 of the
+  new namespace) starts the program under a per-run unprivileged uid/gid (no supplementary groups,
+  ``no_new_privs``), so ``RLIMIT_NPROC`` holds (root is exempt from it): a fork bomb stops at
+  `max_processes`. The program cannot signal the host (it cannot even see host processes: ``/proc``
+  is the namespace's own), the network namespace has no usable interface (not even loopback), and
+  when the program exits or times out every process it started dies with the namespace.
+  Directories on the interpreter's path that the sandbox uid could not traverse (e.g. ``/root``
+  for a pyenv Python) are replaced by an empty tmpfs with the interpreter bind-mounted read-only.
+* Host is not root and unprivileged user namespaces work: the same namespaces inside a new user
+  namespace; the program keeps the host uid (mapped to itself), without capabilities.
+* No namespaces at all (e.g. a container without ``CAP_SYS_ADMIN``, or user namespaces disabled):
+  only a new session, rlimits and (as root) the per-run uid; the working directory is the host
+  temp dir; network is refused by an audit hook in the child interpreter (defeatable with
+  ``ctypes`` or a subprocess, so weak); after the run the process group and, as root, every process
+  of the run's uid are killed. Processes that left the session survive as non-root. A warning is
+  logged once.
+
+Always: ``python -I -S`` (stdlib only, no site-packages, no ``PYTHON*`` variables), a scrubbed
+environment (PATH, LANG/LC_ALL, HOME=TMPDIR=working dir, MALLOC_ARENA_MAX, nothing else),
+wall-clock (`wall_time_s`), CPU (``RLIMIT_CPU``), address-space (``RLIMIT_AS``), file-size
+(``RLIMIT_FSIZE``) and core-dump limits, stdout/stderr read incrementally and capped at
+`max_output_bytes` each, and the host temp dir removed afterwards.
+
+Caveats: `memory_mb` and `cpu_time_s` hold per process, so a run may use up to `max_processes` x
+`memory_mb` of address space (plus two `disk_mb` tmpfs); there is no cgroup and no seccomp filter.
+World-readable host files stay readable. Root inside a user namespace (rootless containers) is
+treated as root and fails to switch uid: run those hosts as non-root. Off Linux only rlimits and
+the audit hook apply. The wall clock includes ~50 ms of sandbox start-up.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+logger = logging.getLogger(__name__)
+
+STATUSES = ("passed", "failed", "timeout", "memory", "error")
+
+#: The interpreter the child runs: the real binary behind a venv's symlink (the venv itself adds
+#: nothing under ``-I -S``) and the prefix holding its stdlib.
+_PYTHON = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+_PREFIX = os.path.realpath(sys.base_prefix)
+
+#: Per-run sandbox uids (= gids) are drawn from this range, far above any real account.
+_UID_BASE, _UID_SPAN = 1_700_000_000, 1 << 24
+_uids_in_use: set[int] = set()
+_uid_lock = threading.Lock()
+_warned = False
+_USE_NAMESPACES = True    # tests switch this off to exercise the no-namespace fallback
+
+_TAIL_BYTES = 4096        # stderr tail kept for classification even when the head is capped
+_TERM_GRACE_S = 2.0       # time the child's init gets to tear down after a timeout
+_DRAIN_GRACE_S = 1.0      # time to wait for pipe EOF after the process is gone
+_MEMORY_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"out of memory",
+                   b"std::bad_alloc")
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Resource caps for one sandboxed run (per process or per run: see the module docstring)."""
+
+    wall_time_s: float = 10.0
+    cpu_time_s: float = 10.0       # per process, RLIMIT_CPU (rounded up to whole seconds)
+    memory_mb: int = 1024          # per process address space, RLIMIT_AS
+    max_processes: int = 16        # tasks of the run (threads count), RLIMIT_NPROC
+    max_file_size_mb: int = 16     # RLIMIT_FSIZE
+    max_output_bytes: int = 64_000  # stdout and stderr each capped at this, `truncated` set
+    allow_network: bool = False
+    disk_mb: int = 64              # size of the private tmpfs working dir (and of /dev/shm)
+
+    def __post_init__(self) -> None:
+        for name in ("wall_time_s", "cpu_time_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SandboxLimits.{name} must be > 0 seconds; got "
+                                 f"{getattr(self, name)!r}.")
+        mins = {"memory_mb": 32, "max_processes": 1, "max_file_size_mb": 1,
+                "max_output_bytes": 0, "disk_mb": 1}
+        for name, low in mins.items():
+            val = getattr(self, name)
+            if not isinstance(val, int) or val < low:
+                why = " (the interpreter alone needs ~30 MB)" if name == "memory_mb" else ""
+                raise ValueError(f"SandboxLimits.{name} must be an int >= {low}{why}; got "
+                                 f"{val!r}.")
+
+
+@dataclass
+class SandboxResult:
+    """Outcome of one run; `status` is one of `STATUSES` (see `run_python` for the rules)."""
+
+    status: str
+    returncode: int | None
+    stdout: str
+    stderr: str
+    duration_s: float
+    truncated: bool
+    isolation: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """True iff the program exited with status 0 within its limits."""
+        return self.status == "passed"
+
+
+# --- the child ------------------------------------------------------------------------------
+# Runs as `python -I -S -B -c _BOOT <json>` in a new session. As "B" (still root if the host is)
+# it unshares namespaces and locks the filesystem, then forks "C", PID 1 of the new PID namespace,
+# which mounts a fresh /proc and forks "D": D applies rlimits, drops to the sandbox uid and execs
+# the program. C reaps everything, reports D's wait status on the status pipe and exits, which
+# kills whatever is left in the namespace. B waits for C; SIGTERM to B (our timeout) kills C.
+# Setup errors go to the status pipe as {"error": ...}; the pipe is close-on-exec, so D's exec
+# closes its copy.
+_BOOT = r'''
+import ctypes, errno, json, os, resource, signal, sys
+
+cfg = json.loads(sys.argv[1])
+STATUS = cfg["status_fd"]
+os.set_inheritable(STATUS, False)
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                       ctypes.c_char_p]
+if hasattr(libc, "prctl"):
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                           ctypes.c_ulong]
+NEWNS, NEWIPC, NEWUSER, NEWPID, NEWNET = 0x20000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
+RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+KEPT = {"nosuid": NOSUID, "nodev": NODEV, "noexec": NOEXEC, "noatime": 1024,
+        "nodiratime": 2048, "relatime": 1 << 21, "strictatime": 1 << 24}
+PSEUDO = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "mqueue", "debugfs",
+          "tracefs", "securityfs", "pstore", "bpf", "configfs", "fusectl", "binfmt_misc",
+          "hugetlbfs", "autofs", "efivarfs", "nsfs", "rpc_pipefs", "selinuxfs"}
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+GUARD = """
+import sys
+def _guard(event, args):
+    if (event == "socket.__new__" and args[1] != 1) or (
+            event in ("socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg")
+            and not isinstance(args[1], (str, bytes))):
+        raise PermissionError("network access is disabled in this sandbox")
+sys.addaudithook(_guard)
+del _guard
+import runpy
+sys.argv = ["main.py"]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def report(**kw):
+    os.write(STATUS, (json.dumps(kw) + "\n").encode())
+
+
+def check(ret, what):
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def mount(src, target, fstype, flags, data=None):
+    enc = lambda s: None if s is None else os.fsencode(s)
+    check(libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
+
+
+def unescape(field):
+    raw, out, i = os.fsencode(field), bytearray(), 0
+    while i < len(raw):
+        if raw[i] == 92 and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def lock_filesystem(probe_dir):
+    """Every writable mount read-only (in our namespace only), skipping kernel pseudo-fs."""
+    mount(None, "/", None, REC | PRIVATE)
+    rows = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            rows.append((parts[0], parts[1], unescape(parts[4]), parts[5].split(","),
+                         parts[parts.index("-") + 1]))
+    stacked = {(parent, point) for _, parent, point, _, _ in rows}
+    for mid, _, point, opts, fstype in rows:
+        if (mid, point) in stacked or fstype in PSEUDO or "ro" in opts:
+            continue  # covered by a mount on top, or nothing to do
+        flags = REMOUNT | BIND | RDONLY
+        for name, bit in KEPT.items():
+            if name in opts:
+                flags |= bit
+        try:
+            mount(None, point, None, flags)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: hidden under a mount higher up
+                raise
+    try:  # self-check where the host's temp dirs live: this must now fail
+        fd = os.open(os.path.join(probe_dir, f".poise_rw_check_{os.getpid()}"),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return
+    os.close(fd)
+    os.unlink(os.path.join(probe_dir, f".poise_rw_check_{os.getpid()}"))
+    raise RuntimeError(f"{probe_dir} is still writable after remounting read-only")
+
+
+def expose(paths, fds):
+    """Make each path reachable for an unprivileged uid: a tmpfs over the first untraversable
+    directory, the real directory bind-mounted read-only at the same place."""
+    covered = set()
+    for path in sorted(paths, key=len):
+        cur = ""
+        for comp in path.strip("/").split("/"):
+            cur += "/" + comp
+            try:
+                blocked = not os.stat(cur).st_mode & 0o001
+            except FileNotFoundError:
+                blocked = True
+            if not blocked:
+                continue
+            if os.path.exists(cur) and cur not in covered:
+                mount("tmpfs", cur, "tmpfs", NOSUID | NODEV, "size=1m,mode=755")
+                covered.add(cur)
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            mount(f"/proc/self/fd/{fds[path]}", path, None, BIND | REC)
+            mount(None, path, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
+            break
+
+
+def limit(res, soft, hard=None):
+    hard = soft if hard is None else hard
+    cur_hard = resource.getrlimit(res)[1]
+    if cur_hard != resource.RLIM_INFINITY:
+        hard = min(hard, cur_hard)
+    resource.setrlimit(res, (min(soft, hard), hard))
+
+
+def tasks_of(uid):
+    n = 0
+    for name in (os.listdir("/proc") if os.path.isdir("/proc") else ()):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/status") as f:
+                    st = dict(line.split(":", 1) for line in f if ":" in line)
+            except OSError:
+                continue
+            if int(st["Uid"].split()[0]) == uid:
+                n += int(st.get("Threads", "1"))
+    return n
+
+
+def apply_limits(nproc):
+    lim = cfg["limits"]
+    cpu = max(1, int(-(-lim["cpu_time_s"] // 1)))
+    limit(resource.RLIMIT_CPU, cpu, cpu + 1)
+    limit(resource.RLIMIT_AS, lim["memory_mb"] << 20)
+    limit(resource.RLIMIT_FSIZE, lim["max_file_size_mb"] << 20)
+    limit(resource.RLIMIT_CORE, 0)
+    limit(resource.RLIMIT_NPROC, nproc)
+
+
+def prctl(option, value):
+    if hasattr(libc, "prctl"):  # Linux only
+        check(libc.prctl(option, value, 0, 0, 0), f"prctl({option})")
+
+
+def drop_privileges():
+    if ROOT:
+        os.setgroups([])
+        os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
+        os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def exec_program(argv):
+    try:
+        os.execve(cfg["python"], argv, cfg["env"])
+    except OSError as exc:
+        hint = (" (run as a sandbox uid: the interpreter must be readable by all)"
+                if ROOT else "")
+        raise OSError(exc.errno, f"cannot start {cfg['python']}: {exc.strerror}{hint}")
+
+
+def user_main(nproc):
+    """D: rlimits, privilege drop, exec the program."""
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        apply_limits(nproc)
+        drop_privileges()
+        exec_program([cfg["python"], "-I", "-S", "-B", "main.py"])
+    except BaseException as exc:
+        report(error=f"{type(exc).__name__}: {exc}")
+    os._exit(127)
+
+
+def init_main(nproc):
+    """C: PID 1 of the namespace; reaps everything, reports D's exit, then ends the namespace."""
+    try:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        try:
+            mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)
+        except OSError as exc:
+            report(warning=f"private /proc unavailable: {exc}")
+        child = os.fork()
+        if child == 0:
+            user_main(nproc)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        while True:
+            pid, status, usage = os.wait4(-1, 0)
+            if pid == child:
+                report(exit=status, cpu_s=usage.ru_utime + usage.ru_stime)
+                os._exit(0)
+    except BaseException as exc:
+        report(error=f"sandbox init failed: {type(exc).__name__}: {exc}")
+        os._exit(1)
+
+
+def namespaced():
+    """B with namespaces: isolate the filesystem, then fork the init and wait for it."""
+    if not ROOT:
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"{HOST_UID} {HOST_UID} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"{HOST_GID} {HOST_GID} 1")
+    fds = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in cfg["expose"]}
+    lock_filesystem(os.path.dirname(cfg["workdir"]))
+    if ROOT:
+        expose(cfg["expose"], fds)
+    size = cfg["limits"]["disk_mb"]
+    owner = f",uid={cfg['uid']},gid={cfg['gid']}" if ROOT else ""
+    work = cfg["workdir"]
+    if os.path.isdir("/dev/shm"):
+        mount("tmpfs", "/dev/shm", "tmpfs", NOSUID | NODEV,
+              f"size={size}m,nr_inodes=1024,mode=1777")
+    os.makedirs(work, exist_ok=True)  # new only if it lived under the /dev/shm just replaced
+    mount("tmpfs", work, "tmpfs", NOSUID | NODEV, f"size={size}m,nr_inodes=16384,mode=700{owner}")
+    os.chdir(work)
+    with open("main.py", "wb") as f:
+        f.write(CODE)
+    os.chmod("main.py", 0o644)
+    feats = ["mount-ns", "read-only-fs", "private-tmpfs-workdir", "pid-ns", "ipc-ns"]
+    if not cfg["limits"]["allow_network"]:
+        feats.append("net-ns")
+    feats.append(f"uid={cfg['uid']}" if ROOT else "user-ns")
+    # RLIMIT_NPROC counts per (user namespace, uid) since Linux 5.14; before, the host user's
+    # other processes count too.
+    old = tuple(int(x) for x in os.uname().release.split(".")[:2] if x.isdigit()) < (5, 14)
+    nproc = cfg["limits"]["max_processes"]
+    if not ROOT and old:
+        nproc += tasks_of(HOST_UID)
+    report(mode="ns", isolation=feats + ["rlimits", "no-new-privs"])
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    child = os.fork()
+    if child == 0:
+        init_main(nproc)
+    os.close(STATUS)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGKILL))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+    os.waitpid(child, 0)
+    os._exit(0)
+
+
+def direct(why):
+    """B without namespaces: limits and privilege drop in place, then become the program."""
+    os.chdir(cfg["workdir"])
+    nproc = cfg["limits"]["max_processes"] + (0 if ROOT else tasks_of(HOST_UID))
+    apply_limits(nproc)
+    drop_privileges()
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the uid change cleared it
+    if os.getppid() != cfg["parent_pid"]:
+        os._exit(1)
+    feats = ["rlimits", "no-new-privs"] + ([f"uid={cfg['uid']}"] if ROOT else [])
+    net = cfg["limits"]["allow_network"]
+    report(mode="direct", isolation=feats + ([] if net else ["audit-hook-net"]),
+           warning=f"{why}; filesystem writes and escaped processes are not contained")
+    argv = [cfg["python"], "-I", "-S", "-B"] + (["main.py"] if net else ["-c", GUARD])
+    exec_program(argv)
+
+
+try:
+    ROOT = os.geteuid() == 0
+    HOST_UID, HOST_GID = os.getuid(), os.getgid()
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != cfg["parent_pid"]:
+        os._exit(1)
+    with open(os.path.join(cfg["workdir"], "main.py"), "rb") as f:
+        CODE = f.read()
+    flags = NEWNS | NEWIPC | NEWPID | (0 if cfg["limits"]["allow_network"] else NEWNET)
+    if (cfg["namespaces"] and hasattr(libc, "unshare")
+            and libc.unshare(flags | (0 if ROOT else NEWUSER)) == 0):
+        namespaced()
+    else:
+        why = "disabled" if not cfg["namespaces"] else (
+            f"unshare: {os.strerror(ctypes.get_errno())}" if hasattr(libc, "unshare")
+            else "not Linux")
+        direct(why)
+except BaseException as exc:
+    report(error=f"sandbox setup failed: {type(exc).__name__}: {exc}")
+    os._exit(126)
+'''
+
+
+# --- the host side --------------------------------------------------------------------------
+
+
+class _Capture:
+    """Keeps the first `cap` bytes of a stream plus a short tail; counts the rest."""
+
+    def __init__(self, cap: int):
+        self.cap, self.total = cap, 0
+        self.head, self.tail = bytearray(), bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.cap - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+        self.tail = (self.tail + data[-_TAIL_BYTES:])[-_TAIL_BYTES:]
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > self.cap
+
+    def text(self) -> str:
+        return self.head.decode("utf-8", errors="replace")
+
+
+def _child_env(workdir: str) -> dict[str, str]:
+    """The only environment the program sees: nothing of the host's (no tokens, no keys)."""
+    # Few malloc arenas: each thread's 64 MB arena reservation would eat RLIMIT_AS otherwise.
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+            "HOME": workdir, "TMPDIR": workdir, "MALLOC_ARENA_MAX": "2"}
+
+
+def _pids_of_uid(uid: int) -> list[int]:
+    """Live (non-zombie) processes whose real uid is `uid`."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                status = f.read()
+        except OSError:
+            continue
+        fields = dict(line.split(b":", 1) for line in status.splitlines() if b":" in line)
+        if int(fields[b"Uid"].split()[0]) == uid and not fields[b"State"].strip().startswith(b"Z"):
+            pids.append(int(name))
+    return pids
+
+
+def _kill_uid(uid: int) -> bool:
+    """SIGKILL every process of a per-run sandbox uid, race-free via pidfds; True when none left."""
+    for attempt in range(50):
+        pids = _pids_of_uid(uid)
+        if not pids:
+            return True
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:  # the pidfd pins the process: re-check that it is still one of ours
+                with open(f"/proc/{pid}/status", "rb") as f:
+                    mine = any(line.startswith(b"Uid:") and int(line.split()[1]) == uid
+                               for line in f)
+                if mine:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        time.sleep(0.001 * attempt)
+    logger.warning("sandbox uid %d still has processes after 50 kill rounds: %s", uid,
+                   _pids_of_uid(uid))
+    return False
+
+
+def _claim_uid() -> int:
+    """A per-run uid no process uses, so RLIMIT_NPROC and clean-up concern this run only."""
+    with _uid_lock:
+        for _ in range(64):
+            uid = _UID_BASE + random.randrange(_UID_SPAN)
+            if uid not in _uids_in_use and not _pids_of_uid(uid):
+                _uids_in_use.add(uid)
+                return uid
+    raise RuntimeError("could not find a free sandbox uid in 64 draws; are old sandbox "
+                       "processes still running?")
+
+
+def _exited(pid: int) -> bool:
+    """True once `pid` has terminated; does not reap it, so its pid (and group) stay ours."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
+def _classify(wait_status: int, cpu_s: float, limits: SandboxLimits,
+              stderr_tail: bytes) -> tuple[str, int]:
+    """Status and returncode from a wait status (see `run_python`)."""
+    rc = os.waitstatus_to_exitcode(wait_status)
+    memory_hint = any(m in stderr_tail for m in _MEMORY_MARKERS)
+    if rc == 0:
+        return "passed", rc
+    if rc > 0:
+        return ("memory" if memory_hint else "failed"), rc
+    sig = -rc
+    cpu_cap = max(1, -(-limits.cpu_time_s // 1))
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_s >= cpu_cap - 0.05):
+        return "timeout", rc
+    if sig in (signal.SIGKILL, signal.SIGSEGV, signal.SIGBUS):
+        return "memory", rc
+    if sig == signal.SIGABRT and memory_hint:
+        return "memory", rc
+    return "error", rc
+
+
+def run_python(code: str, *, stdin: str | None = None,
+               limits: SandboxLimits | None = None) -> SandboxResult:
+    """Run `code` as ``__main__`` in the sandbox (see the module docstring) and classify it.
+
+    Status rules, first match wins:
+      "error"   the sandbox itself failed (bad setup, interpreter not startable, lost init);
+      "timeout" wall clock over `wall_time_s` (the run is killed), or killed by SIGXCPU /
+                by SIGKILL after using the CPU budget (`cpu_time_s`);
+      "passed"  exit status 0;
+      "memory"  nonzero exit with MemoryError (or "Cannot allocate memory") in the stderr tail,
+                or killed by SIGKILL (the OOM killer, the sandbox sends it only on timeout),
+                SIGSEGV or SIGBUS (how C code fails under RLIMIT_AS; a stack overflow too), or
+                SIGABRT with such a message;
+      "failed"  any other nonzero exit (an exception, a failed assert, ``sys.exit(1)``);
+      "error"   killed by any other signal.
+    """
+    limits = limits or SandboxLimits()
+    if not isinstance(code, str):
+        raise TypeError(f"run_python needs the program as a str; got {type(code).__name__}.")
+    root = os.geteuid() == 0
+    uid = _claim_uid() if root else None
+    workdir = tempfile.mkdtemp(prefix="poise_sbx_")
+    try:
+        return _run(code, stdin, limits, workdir, uid)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if uid is not None:
+            with _uid_lock:
+                _uids_in_use.discard(uid)
+
+
+def _run(code: str, stdin: str | None, limits: SandboxLimits, workdir: str,
+         uid: int | None) -> SandboxResult:
+    """Start the child, feed stdin, capture output until exit or timeout, clean up, classify."""
+    with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
+        f.write(code)
+    if uid is not None:  # only used without namespaces; the tmpfs hides this dir otherwise
+        os.chown(workdir, uid, uid)
+        os.chmod(workdir, 0o700)
+    expose = [_PREFIX]  # the dirs the sandbox uid must be able to read: stdlib and binary
+    if not _PYTHON.startswith(_PREFIX + os.sep):
+        expose.append(os.path.dirname(_PYTHON))
+    status_r, status_w = os.pipe()
+    cfg = {"status_fd": status_w, "parent_pid": os.getpid(), "workdir": workdir, "uid": uid,
+           "gid": uid, "python": _PYTHON, "expose": expose, "env": _child_env(workdir),
+           "limits": asdict(limits), "namespaces": _USE_NAMESPACES}
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            [_PYTHON, "-I", "-S", "-B", "-c", _BOOT, json.dumps(cfg)],
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
+            env=_child_env(workdir), start_new_session=True, pass_fds=(status_w,))
+    except OSError as exc:
+        os.close(status_r)
+        return SandboxResult("error", None, "", f"sandbox could not start: {exc}",
+                             time.monotonic() - start, False)
+    finally:
+        os.close(status_w)
+
+    out, err, status = _Capture(limits.max_output_bytes), _Capture(limits.max_output_bytes), \
+        _Capture(1 << 16)
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ, out)
+    sel.register(proc.stderr, selectors.EVENT_READ, err)
+    sel.register(status_r, selectors.EVENT_READ, status)
+    pending = memoryview(stdin.encode("utf-8")) if stdin is not None else None
+    if proc.stdin is not None:
+        os.set_blocking(proc.stdin.fileno(), False)
+        sel.register(proc.stdin, selectors.EVENT_WRITE, None)
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+        sel.register(pidfd, selectors.EVENT_READ, "exit")
+    except (AttributeError, OSError):
+        pidfd = None
+
+    def pump(until: float) -> bool:
+        """Move data until the child's leader exits (True) or `until` passes (False)."""
+        nonlocal pending
+        while not _exited(proc.pid):
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            for key, _ in sel.select(min(left, 0.02) if pidfd is None else left):
+                if key.data == "exit":
+                    continue
+                if key.data is None:  # stdin
+                    try:
+                        n = os.write(key.fd, pending[:65536])
+                        pending = pending[n:]
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # the program stopped reading
+                        pending = pending[:0]
+                    if not pending:
+                        sel.unregister(key.fileobj)
+                        try:
+                            proc.stdin.close()
+                        except OSError:
+                            pass
+                    continue
+                data = os.read(key.fd, 65536)
+                if data:
+                    key.data.feed(data)
+                else:
+                    sel.unregister(key.fileobj)
+        return True
+
+    def parse_status() -> dict:
+        merged: dict = {}
+        for line in bytes(status.head).decode(errors="replace").splitlines():
+            try:
+                merged.update(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return merged
+
+    timed_out = not pump(start + limits.wall_time_s)
+    duration = time.monotonic() - start
+    if timed_out:
+        if parse_status().get("mode") == "ns":  # the init tears the namespace down
+            os.kill(proc.pid, signal.SIGTERM)
+            if not pump(time.monotonic() + _TERM_GRACE_S):
+                logger.warning("sandbox init did not stop within %.1fs of SIGTERM; killing it",
+                               _TERM_GRACE_S)
+        _killpg(proc.pid)  # harmless when the group is gone: the unreaped leader holds the id
+    else:
+        _killpg(proc.pid)  # children left in the session when there are no namespaces
+    try:
+        _, wait_status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(wait_status)
+    except ChildProcessError:  # someone else in this process reaped it (a waitpid(-1) loop)
+        wait_status, usage, proc.returncode = None, None, -1
+    info = parse_status()
+    if uid is not None and info.get("mode") != "ns":
+        _kill_uid(uid)
+    # The pipes close once every process holding them is gone; wait a little for that.
+    for key in list(sel.get_map().values()):
+        if key.data not in (out, err, status):
+            sel.unregister(key.fileobj)
+    if proc.stdin is not None and not proc.stdin.closed:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+    drain_until = time.monotonic() + _DRAIN_GRACE_S
+    while [k for k in sel.get_map().values() if k.data in (out, err, status)]:
+        left = drain_until - time.monotonic()
+        if left <= 0:
+            break
+        for key, _ in sel.select(left):
+            if key.data in (out, err, status):
+                data = os.read(key.fd, 65536)
+                if data:
+                    key.data.feed(data)
+                else:
+                    sel.unregister(key.fileobj)
+    sel.close()
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        if f is not None and not f.closed:
+            f.close()
+    os.close(status_r)
+    if pidfd is not None:
+        os.close(pidfd)
+    info = parse_status()
+    return _result(info, timed_out, wait_status, usage, duration, limits, out, err)
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _result(info: dict, timed_out: bool, wait_status: int, usage, duration: float,
+            limits: SandboxLimits, out: _Capture, err: _Capture) -> SandboxResult:
+    """Turn what the child reported and how it ended into a `SandboxResult`."""
+    global _warned
+    isolation = tuple(info.get("isolation", ()))
+    if info.get("mode") == "direct" and not _warned:
+        _warned = True
+        logger.warning("sandbox runs without namespaces (%s); enforced: %s", info.get("warning"),
+                       ", ".join(isolation))
+    stderr = err.text()
+    truncated = out.truncated or err.truncated
+    if "error" in info:
+        return SandboxResult("error", None, out.text(), f"sandbox error: {info['error']}\n{stderr}",
+                             duration, truncated, isolation)
+    if timed_out:
+        return SandboxResult("timeout", None, out.text(), stderr, duration, truncated, isolation)
+    if info.get("mode") == "ns":
+        if "exit" not in info:
+            return SandboxResult("error", None, out.text(),
+                                 f"sandbox error: the sandbox init ended without reporting the "
+                                 f"program's exit\n{stderr}", duration, truncated, isolation)
+        wait_status, cpu_s = info["exit"], info["cpu_s"]
+    elif info.get("mode") == "direct" and wait_status is not None:
+        cpu_s = usage.ru_utime + usage.ru_stime
+    else:
+        return SandboxResult("error", None, out.text(),
+                             f"sandbox error: the sandbox ended before setting up "
+                             f"(wait status {wait_status})\n{stderr}", duration, truncated,
+                             isolation)
+    status, rc = _classify(wait_status, cpu_s, limits, bytes(err.tail))
+    return SandboxResult(status, rc, out.text(), stderr, duration, truncated, isolation)
+
+
+def run_many(codes: Sequence[str], *, stdins: Sequence[str | None] | None = None,
+             limits: SandboxLimits | None = None,
+             max_workers: int | None = None) -> list[SandboxResult]:
+    """`run_python` over many programs in parallel threads (default: one per CPU), order kept."""
+    codes = list(codes)
+    stdins = [None] * len(codes) if stdins is None else list(stdins)
+    if len(stdins) != len(codes):
+        raise ValueError(f"run_many needs one stdin per program; got {len(stdins)} stdins for "
+                         f"{len(codes)} programs (pass stdins=None for none).")
+    if max_workers is not None and max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1; got {max_workers}.")
+    if not codes:
+        return []
+    workers = min(len(codes), max_workers or os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
+        return list(pool.map(lambda cs: run_python(cs[0], stdin=cs[1], limits=limits),
+                             zip(codes, stdins)))
