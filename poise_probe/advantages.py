@@ -1,0 +1,290 @@
+"""Advantage estimators: pure functions from rewards (and probe predictions) to advantages.
+
+Every estimator maps one scalar reward per rollout to one scalar advantage per rollout,
+`A_i = (r_i - b_i) / scale_i`; the loss applies A_i to every response token. Rows belong to
+prompts through `group_ids` (groups may differ in size and need not be contiguous). Names and
+conventions follow verl's `core_algos.py`; where this module differs, the docstring says so.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ADV_ESTIMATORS",
+    "AdvantageResult",
+    "compute_advantages",
+    "filter_groups",
+    "get_adv_estimator",
+    "overlong_reward_shaping",
+    "register_adv_est",
+]
+
+
+@dataclass
+class AdvantageResult:
+    """Per-rollout advantages with the baseline and scale that produced them: A = (r - b) / scale."""
+
+    advantages: Tensor  # (N,) A_i, applied to every response token of rollout i
+    baselines: Tensor  # (N,) b_i
+    scale: Tensor  # (N,) ones when the estimator does not normalise
+
+    def identity_max_abs_err(self, rewards: Tensor) -> float:
+        """max_i |A_i * scale_i + b_i - r_i|: the advantage identity check, ~0 up to rounding."""
+        r = torch.as_tensor(rewards).to(device=self.advantages.device, dtype=self.advantages.dtype)
+        if r.shape != self.advantages.shape:
+            raise ValueError(f"rewards must have the advantages' shape {tuple(self.advantages.shape)}; "
+                             f"got {tuple(r.shape)}.")
+        if r.numel() == 0:
+            return 0.0
+        return float((self.advantages * self.scale + self.baselines - r).abs().max())
+
+
+ADV_ESTIMATORS: dict[str, Callable[..., AdvantageResult]] = {}
+
+
+def register_adv_est(name: str):
+    """Decorator adding an estimator `fn(rewards, group_ids, *, preds=None, epsilon=1e-6)` to the registry."""
+
+    def deco(fn: Callable[..., AdvantageResult]) -> Callable[..., AdvantageResult]:
+        if name in ADV_ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is already registered "
+                             f"({ADV_ESTIMATORS[name].__qualname__}); pick another name.")
+        ADV_ESTIMATORS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_adv_estimator(name: str) -> Callable[..., AdvantageResult]:
+    """The registered estimator called `name`; unknown names raise KeyError listing the known ones."""
+    try:
+        return ADV_ESTIMATORS[name]
+    except KeyError:
+        raise KeyError(f"unknown adv_estimator {name!r}; known: {sorted(ADV_ESTIMATORS)}.") from None
+
+
+def compute_advantages(name: str, rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None = None,
+                       epsilon: float = 1e-6) -> AdvantageResult:
+    """Run estimator `name` on rewards (N,) grouped by prompt ids (N,); preds (N,) only for poise."""
+    return get_adv_estimator(name)(rewards, group_ids, preds=preds, epsilon=epsilon)
+
+
+# ---------------------------------------------------------------------------------------------
+# Boundary checks and group bookkeeping
+# ---------------------------------------------------------------------------------------------
+
+def _check_rewards(rewards: Tensor, group_ids: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
+    """Validate (rewards (N,), group_ids (N,)); return rewards as floats and ids as int64."""
+    if not isinstance(rewards, Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor of shape (N,); got {type(rewards).__name__}.")
+    if not isinstance(group_ids, Tensor):
+        raise TypeError(f"group_ids must be a torch.Tensor of shape (N,); got {type(group_ids).__name__}.")
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be 1-D (one scalar per rollout); got shape {tuple(rewards.shape)}. "
+                         f"Sum token-level rewards over the response first.")
+    if group_ids.shape != rewards.shape:
+        raise ValueError(f"group_ids must have the rewards' shape {tuple(rewards.shape)}; "
+                         f"got {tuple(group_ids.shape)}.")
+    if rewards.numel() == 0:
+        raise ValueError("rewards is empty; an advantage estimator needs at least one rollout.")
+    if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_ids must be an integer tensor (one prompt id per rollout); "
+                         f"got dtype {group_ids.dtype}. Map prompt uids to integers first.")
+    if not rewards.dtype.is_floating_point:
+        rewards = rewards.to(torch.get_default_dtype())
+    bad = ~torch.isfinite(rewards)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"rewards must be finite; rewards[{i}] = {float(rewards[i])} "
+                         f"({int(bad.sum())} non-finite values). Fix the verifier output.")
+    if not (epsilon >= 0.0):
+        raise ValueError(f"epsilon must be >= 0 (added to the std); got {epsilon}.")
+    return rewards, group_ids.to(device=rewards.device, dtype=torch.long)
+
+
+def _check_preds(preds: Tensor | None, rewards: Tensor) -> Tensor:
+    """Validate probe predictions preds (N,) for poise; return them in the rewards' dtype."""
+    if preds is None:
+        raise ValueError("poise needs preds (the probe's predictions g(phi_i), one per rollout); got None. "
+                         "Predict with the current probe before computing advantages.")
+    if not isinstance(preds, Tensor):
+        raise TypeError(f"preds must be a torch.Tensor of shape (N,); got {type(preds).__name__}.")
+    if preds.shape != rewards.shape:
+        raise ValueError(f"preds must have the rewards' shape {tuple(rewards.shape)}; got {tuple(preds.shape)}.")
+    preds = preds.to(device=rewards.device, dtype=rewards.dtype)
+    bad = ~torch.isfinite(preds)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"preds must be finite; preds[{i}] = {float(preds[i])} ({int(bad.sum())} "
+                         f"non-finite values). Check the probe's features and fit.")
+    return preds
+
+
+def _group_index(group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(unique ids (G,), row -> group position (N,), group sizes (G,))."""
+    uniq, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    return uniq, inverse, counts
+
+
+def _group_sum(x: Tensor, inverse: Tensor, num_groups: int) -> Tensor:
+    """Per-group sums (G,) of x (N,)."""
+    return torch.zeros(num_groups, dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
+
+
+def _require_siblings(name: str, uniq: Tensor, counts: Tensor) -> None:
+    """Raise if any group has a single rollout (leave-one-out baselines need a sibling)."""
+    lone = counts < 2
+    if bool(lone.any()):
+        ids = uniq[lone].tolist()
+        shown = ", ".join(str(g) for g in ids[:5]) + (", ..." if len(ids) > 5 else "")
+        raise ValueError(f"{name} needs >= 2 rollouts per prompt (baselines come from sibling rollouts); "
+                         f"group {ids[0]} has 1 ({len(ids)} such groups: {shown}). "
+                         f"Sample num_generations >= 2 per prompt.")
+
+
+def _group_mean_std(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row group mean and unbiased group std (N,); a 1-rollout group gets mean 0, std 1 (verl)."""
+    uniq, inverse, counts = _group_index(group_ids)
+    n = counts.to(rewards.dtype)
+    mean_g = _group_sum(rewards, inverse, len(uniq)) / n  # (G,)
+    dev = rewards - mean_g[inverse]
+    var_g = _group_sum(dev * dev, inverse, len(uniq)) / (n - 1).clamp_min(1)  # torch.std(unbiased=True)
+    lone = counts == 1
+    if bool(lone.any()):
+        # verl's compute_grpo_outcome_advantage sets mean 0, std 1 for a lone rollout, so A = r / (1 + eps).
+        logger.warning("%d prompt group(s) have a single rollout (e.g. group %s); using mean 0 and std 1 "
+                       "for them as verl does.", int(lone.sum()), uniq[lone][0].item())
+    mean_g = torch.where(lone, torch.zeros_like(mean_g), mean_g)
+    std_g = torch.where(lone, torch.ones_like(var_g), var_g.sqrt())
+    return mean_g[inverse], std_g[inverse]
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimators
+# ---------------------------------------------------------------------------------------------
+
+@register_adv_est("poise")
+def poise_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None = None,
+                    epsilon: float = 1e-6) -> AdvantageResult:
+    """A_i = r_i - mean_{j != i, same prompt} g(phi_j), no normalisation; (N,) -> (N,). POISE Sec. 3."""
+    del epsilon  # no normalisation, so nothing to stabilise
+    rewards, group_ids = _check_rewards(rewards, group_ids, 0.0)
+    preds = _check_preds(preds, rewards)
+    uniq, inverse, counts = _group_index(group_ids)
+    _require_siblings("poise", uniq, counts)
+    pred_sum = _group_sum(preds, inverse, len(uniq))  # (G,)
+    # Sibling predictions only: b_i does not depend on rollout i, which keeps the gradient unbiased.
+    baselines = (pred_sum[inverse] - preds) / (counts[inverse] - 1).to(rewards.dtype)  # (N,)
+    return AdvantageResult(rewards - baselines, baselines, torch.ones_like(rewards))
+
+
+@register_adv_est("rloo")
+def rloo_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None = None,
+                   epsilon: float = 1e-6) -> AdvantageResult:
+    """A_i = r_i - mean_{j != i, same prompt} r_j; (N,) -> (N,). Ahmadian et al. 2024 (RLOO)."""
+    del preds, epsilon
+    rewards, group_ids = _check_rewards(rewards, group_ids, 0.0)
+    uniq, inverse, counts = _group_index(group_ids)
+    _require_siblings("rloo", uniq, counts)
+    r_sum = _group_sum(rewards, inverse, len(uniq))  # (G,)
+    baselines = (r_sum[inverse] - rewards) / (counts[inverse] - 1).to(rewards.dtype)  # (N,)
+    return AdvantageResult(rewards - baselines, baselines, torch.ones_like(rewards))
+
+
+@register_adv_est("grpo")
+def grpo_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None = None,
+                   epsilon: float = 1e-6) -> AdvantageResult:
+    """A = (r - group mean) / (group std + eps), std unbiased; lone rollouts: mean 0, std 1 (verl). Shao et al. 2024."""
+    del preds
+    rewards, group_ids = _check_rewards(rewards, group_ids, epsilon)
+    mean, std = _group_mean_std(rewards, group_ids)
+    scale = std + epsilon
+    return AdvantageResult((rewards - mean) / scale, mean, scale)
+
+
+@register_adv_est("dr_grpo")
+def dr_grpo_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None = None,
+                      epsilon: float = 1e-6) -> AdvantageResult:
+    """A = r - group mean, no std division; lone rollouts: mean 0 (verl). Liu et al. 2025 (Dr. GRPO)."""
+    del preds
+    rewards, group_ids = _check_rewards(rewards, group_ids, epsilon)
+    mean, _ = _group_mean_std(rewards, group_ids)
+    return AdvantageResult(rewards - mean, mean, torch.ones_like(rewards))
+
+
+@register_adv_est("reinforce_pp")
+def reinforce_pp_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None = None,
+                           epsilon: float = 1e-6) -> AdvantageResult:
+    """A = (r - batch mean) / (batch std + eps), std unbiased, group_ids unused. Hu 2025 (REINFORCE++).
+
+    Differs from verl, which whitens token-level returns (each rollout weighted by its length);
+    here every rollout counts once.
+    """
+    del preds
+    rewards, group_ids = _check_rewards(rewards, group_ids, epsilon)
+    if rewards.numel() < 2:
+        raise ValueError(f"reinforce_pp normalises by the batch std and needs >= 2 rollouts; "
+                         f"got {rewards.numel()}.")
+    mean = rewards.mean().expand_as(rewards)
+    scale = (rewards.std(unbiased=True) + epsilon).expand_as(rewards)
+    return AdvantageResult((rewards - mean) / scale, mean.clone(), scale.clone())
+
+
+@register_adv_est("dapo")
+def dapo_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None = None,
+                   epsilon: float = 1e-6) -> AdvantageResult:
+    """The GRPO advantages; DAPO's dynamic sampling and overlong shaping live in the trainer. Yu et al. 2025."""
+    return grpo_advantage(rewards, group_ids, preds=preds, epsilon=epsilon)
+
+
+# ---------------------------------------------------------------------------------------------
+# DAPO helpers (used by the trainer)
+# ---------------------------------------------------------------------------------------------
+
+def filter_groups(rewards: Tensor, group_ids: Tensor, *, keep_singletons: bool = True) -> Tensor:
+    """Keep-mask (N,) bool dropping prompt groups whose rewards are all equal. DAPO Sec. 3.2 dynamic sampling.
+
+    Like verl's DAPO trainer (`std > 0 or len(group) == 1`), a lone rollout is kept unless
+    `keep_singletons=False`.
+    """
+    rewards, group_ids = _check_rewards(rewards, group_ids, 0.0)
+    uniq, inverse, counts = _group_index(group_ids)
+    init = torch.full((len(uniq),), float("nan"), dtype=rewards.dtype, device=rewards.device)
+    g_max = init.scatter_reduce(0, inverse, rewards, reduce="amax", include_self=False)
+    g_min = init.scatter_reduce(0, inverse, rewards, reduce="amin", include_self=False)
+    keep_g = g_max > g_min
+    if keep_singletons:
+        keep_g = keep_g | (counts == 1)
+    return keep_g[inverse]
+
+
+def overlong_reward_shaping(lengths: Tensor, max_len: int, buffer_len: int,
+                            penalty_factor: float = 1.0) -> Tensor:
+    """Soft overlong punishment, lengths' shape, to add to rewards: 0 up to max_len - buffer_len, linear to
+    -penalty_factor at max_len, -penalty_factor beyond. DAPO Sec. 3.4, Eq. 13.
+
+    verl's DAPO reward manager computes `min(-(len - (max_len - buffer)) / buffer * factor, 0)`,
+    identical up to max_len (its responses never exceed it); beyond max_len this follows the paper.
+    """
+    if not isinstance(lengths, Tensor):
+        lengths = torch.as_tensor(lengths)
+    if int(max_len) != max_len or max_len <= 0:
+        raise ValueError(f"max_len must be a positive integer (max response tokens); got {max_len}.")
+    if int(buffer_len) != buffer_len or not 0 < buffer_len <= max_len:
+        raise ValueError(f"buffer_len must be an integer in [1, max_len={max_len}]; got {buffer_len}.")
+    if not penalty_factor >= 0:
+        raise ValueError(f"penalty_factor must be >= 0; got {penalty_factor}.")
+    if lengths.is_floating_point() and not bool(torch.isfinite(lengths).all()):
+        raise ValueError("lengths must be finite response lengths in tokens; got NaN or inf.")
+    if bool((lengths < 0).any()):
+        raise ValueError(f"lengths must be >= 0 response tokens; got min {lengths.min().item()}.")
+    dtype = lengths.dtype if lengths.is_floating_point() else torch.get_default_dtype()
+    exceed = lengths.to(dtype) - (max_len - buffer_len)  # tokens into the buffer
+    return -penalty_factor * (exceed / buffer_len).clamp(0.0, 1.0)
