@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/poise eval --model tiny-reasoner --n 50 --samples 8
+	$(VENV)/bin/poise demo
 
 test: setup
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

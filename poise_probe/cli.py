@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_eval(sub)
+    _add_train(sub)
+    _add_demo(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -24,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
+        if args.verbose:
+            raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"poise {args.command}: error: {msg}", file=sys.stderr)
         return 2
@@ -104,6 +108,115 @@ def _print_eval_table(report: dict) -> None:
         table.add_row(name, s.get("domain", ""), str(s["n_prompts"]), f"{s['avg_at_k']:.3f}",
                       f"{s['pass_at_k']:.3f}", f"{s['mixed_fraction']:.3f}")
     Console().print(table)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="RL training (POISE, GRPO, DAPO, RLOO, ...) from a recipe",
+                       description="Train with a YAML recipe; override any key as key=value "
+                                   "(section.key or a unique key name, e.g. optim.lr=1e-5 "
+                                   "adv_estimator=grpo).")
+    p.add_argument("--config", default=None, help="YAML recipe (training/configs/*.yaml)")
+    p.add_argument("--output", default=None, help="run directory (default: trainer.output_dir)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its last checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_run_train)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="POISE on the bundled tiny reasoner, a few minutes on a CPU",
+                       description="Train the tiny reasoner with POISE on the default task mix, "
+                                   "evaluating held-out accuracy before and after.")
+    p.add_argument("--output", default=None, help="run directory (default: runs/demo-<time>)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_run_demo)
+
+
+#: The demo recipe: the defaults plus what a tiny model on a CPU needs (see poise_tiny.yaml).
+DEMO_OVERRIDES = [
+    "model.path=tiny-reasoner", "rollout.prompts_per_step=32", "rollout.num_generations=2",
+    "optim.lr=5e-5", "optim.warmup_steps=5", "optim.mini_batch_prompts=32",
+    "optim.micro_batch_size=64", "probe.bootstrap_steps=8", "probe.min_steps_to_fit=4",
+    "trainer.total_steps=60", "data.eval_every=0", "data.eval_n=100", "data.eval_samples=8",
+    "trainer.save_every=20",
+]
+
+
+def _run_train(args) -> int:
+    from poise_probe.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    return _train_with_progress(cfg, args.output, resume=args.resume)
+
+
+def _run_demo(args) -> int:
+    import time as _time
+
+    from poise_probe.config import load_config
+
+    cfg = load_config(None, DEMO_OVERRIDES + list(args.overrides))
+    out = args.output or f"runs/demo-{_time.strftime('%Y%m%d-%H%M%S')}"
+    return _train_with_progress(cfg, out, resume=False, demo=True)
+
+
+def _train_with_progress(cfg, output, resume: bool, demo: bool = False) -> int:
+    from tqdm import tqdm
+
+    from poise_probe.rundir import RunReader
+    from poise_probe.trainer import train
+
+    out = output or cfg.trainer.output_dir
+    bar = tqdm(total=cfg.trainer.total_steps, desc=f"{cfg.algorithm.adv_estimator}",
+               unit="step", file=sys.stderr)
+
+    def on_step(step: int, m: dict) -> None:
+        if bar.n == 0 and step > 1:
+            bar.update(step - 1)
+        bar.update(1)
+        tqdm.write(format_step(step, m), file=sys.stderr)
+
+    try:
+        run_dir = train(cfg, out, resume=resume, progress=on_step)
+    finally:
+        bar.close()
+    reader = RunReader(run_dir)
+    _print_before_after(reader)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def format_step(step: int, m: dict) -> str:
+    """The one-line summary printed after every training step."""
+    parts = [f"step {step:>4}", f"reward {m.get('reward/mean', float('nan')):.3f}"]
+    for key, label, fmt in (("probe/mae", "probe mae", ".3f"), ("probe/pearson", "r", ".2f"),
+                            ("adv/var_reduction", "var red", ".2f"),
+                            ("actor/grad_norm", "|g|", ".2f"),
+                            ("eval/accuracy", "eval acc", ".3f"),
+                            ("timing_s/step", "s", ".1f")):
+        v = m.get(key)
+        if isinstance(v, (int, float)):
+            parts.append(f"{label} {v:{fmt}}")
+    return " | ".join(parts)
+
+
+def _print_before_after(reader) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    steps = reader.eval_steps()
+    if len(steps) < 2:
+        return
+    first, last = reader.eval_report(steps[0]), reader.eval_report(steps[-1])
+    k = first["overall"]["k"]
+    table = Table(title=f"held-out Avg@{k}: step {steps[0]} -> step {steps[-1]}")
+    for col in ("task", "domain", "before", "after", "change"):
+        table.add_column(col, justify="left" if col in ("task", "domain") else "right")
+    rows = [(n, s.get("domain", ""), s, last["tasks"][n]) for n, s in first["tasks"].items()]
+    rows.append(("overall", "", first["overall"], last["overall"]))
+    for name, dom, a, b in rows:
+        table.add_row(name, dom, f"{a['accuracy']:.3f}", f"{b['accuracy']:.3f}",
+                      f"{b['accuracy'] - a['accuracy']:+.3f}")
+    Console(file=sys.stdout).print(table)
 
 
 if __name__ == "__main__":

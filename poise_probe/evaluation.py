@@ -59,6 +59,9 @@ def evaluate(model, tokenizer, tasks: Sequence[str | Task], *, n: int = 100, sam
         flat_c = [c for row in comps.texts for c in row]
         flat_e = [e for e in examples for _ in range(samples)]
         rewards = np.array(task.score_many(flat_c, flat_e), dtype=float).reshape(n, samples)
+        if not np.isfinite(rewards).all():
+            raise ValueError(f"task {task.name!r} returned NaN or inf rewards; a verifier must "
+                             f"return numbers in [0, 1]. Fix the task's score function.")
         stats = summarize_rewards(rewards)
         stats["domain"] = task.domain
         stats["mean_completion_tokens"] = comps.num_tokens / (n * samples)

@@ -35,8 +35,11 @@ def build_corpus(tokenizer, n_per_task: int, seed: int, error_rate: float,
     for name in DEFAULT_TASKS:
         task = get_task(name)
         rng = random.Random(f"pretrain|{name}|{seed}")
-        for ex in tqdm(task.sample(n_per_task, seed=seed, split="train"), desc=f"data {name}",
-                       leave=False, file=sys.stderr):
+        examples: list = []
+        while len(examples) < n_per_task:  # small families repeat across chunks, not within
+            examples += task.sample(min(n_per_task - len(examples), 4000),
+                                    seed=seed * 1000 + len(examples) // 4000, split="train")
+        for ex in tqdm(examples, desc=f"data {name}", leave=False, file=sys.stderr):
             if rng.random() < no_think_rate:
                 completion = f"<answer>{ex.ground_truth}</answer>"
             else:
@@ -48,6 +51,22 @@ def build_corpus(tokenizer, n_per_task: int, seed: int, error_rate: float,
             corpus.append((prompt_ids + comp_ids, len(prompt_ids)))
     random.Random(seed).shuffle(corpus)
     return corpus
+
+
+def length_bucketed_batches(corpus: list, batch_size: int, seed: int,
+                            window: int = 64) -> list[list]:
+    """Batches of similar-length rows (less padding), in a seeded random order.
+
+    Rows are sorted by length inside windows of `window` batches, so each batch still mixes
+    families from a random slice of the corpus.
+    """
+    batches = []
+    span = batch_size * window
+    for start in range(0, len(corpus), span):
+        part = sorted(corpus[start:start + span], key=lambda row: len(row[0]))
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    random.Random(seed).shuffle(batches)
+    return batches
 
 
 def make_batch(rows: list[tuple[list[int], int]], pad_id: int):
@@ -105,10 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
     model.train()
+    batches = length_bucketed_batches(corpus, args.batch_size, args.seed)
     bar = tqdm(range(args.steps), desc="pretrain", file=sys.stderr)
     losses = []
     for step in bar:
-        rows = corpus[step * args.batch_size:(step + 1) * args.batch_size]
+        rows = batches[step]
         input_ids, attn, labels = make_batch(rows, tokenizer.pad_token_id)
         loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
         loss.backward()

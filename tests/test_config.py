@@ -1,0 +1,88 @@
+"""Configs: every recipe loads, overrides apply, bad keys and values name themselves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from poise_probe.config import load_config
+
+RECIPES = sorted((Path(__file__).parents[1] / "training" / "configs").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    names = {p.name for p in RECIPES}
+    assert {"poise_tiny.yaml", "grpo_tiny.yaml", "dapo_tiny.yaml", "rloo_tiny.yaml",
+            "poise_qwen3_0.6b.yaml", "poise_qwen3_1.7b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_starts_with_its_command(path):
+    cfg = load_config(path)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# poise train --config training/configs/{path.name}")
+    assert cfg.trainer.total_steps >= 1
+
+
+def test_tiny_recipes_share_the_rollout_budget():
+    budgets = {p.stem: load_config(p).rollout.prompts_per_step * load_config(p).rollout
+               .num_generations for p in RECIPES if p.stem.endswith("_tiny")}
+    assert len(set(budgets.values())) == 1, budgets
+    assert load_config(RECIPES[0].parent / "grpo_tiny.yaml").rollout.num_generations == 8
+
+
+def test_gpu_recipe_has_paper_hyperparameters():
+    c = load_config(RECIPES[0].parent / "poise_qwen3_1.7b.yaml")
+    assert (c.rollout.prompts_per_step, c.rollout.num_generations) == (256, 2)
+    assert (c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay) == (1e-6, 10, 0.01)
+    assert (c.algorithm.epsilon, c.algorithm.epsilon_high, c.algorithm.clip_ratio_c) == (
+        0.2, 0.28, 10.0)
+    assert c.model.dtype == "auto" and c.optim.mini_batch_prompts == 32
+
+
+def test_overrides_dotted_and_bare():
+    c = load_config(None, ["optim.lr=1e-5", "adv_estimator=grpo", "num_generations=8",
+                           "data.tasks=[arith]", "probe.layer=null"])
+    assert c.optim.lr == 1e-5 and isinstance(c.optim.lr, float)
+    assert c.algorithm.adv_estimator == "grpo" and c.rollout.num_generations == 8
+    assert c.data.tasks == ["arith"] and c.probe.layer is None
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.lrr=1", r"unknown config key 'optim.lrr' \(did you mean optim.lr\?\)"),
+    ("nosuchkey=1", "unknown config key 'nosuchkey'"),
+    ("bogus.lr=1", "no section 'bogus'"),
+    ("optim.lr=fast", "optim.lr must be a number; got 'fast'"),
+    ("trainer.total_steps=2.5", "trainer.total_steps must be an integer"),
+    ("algorithm.dynamic_sampling=maybe", "must be true or false"),
+    ("adv_estimator=ppo2", r"algorithm.adv_estimator must be one of"),
+    ("loss_agg_mode=mean", "algorithm.loss_agg_mode must be one of"),
+    ("num_generations=1", "num_generations must be >= 2 for poise"),
+    ("optim.lr=-1", "optim.lr must be > 0"),
+    ("rollout.temperature=0", "rollout.temperature must be > 0"),
+    ("noequals", "must look like key=value"),
+])
+def test_bad_overrides_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("optimizer:\n  lr: 1\n")
+    with pytest.raises(ValueError, match=r"unknown config section\(s\) \['optimizer'\]"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        load_config(bad)
+
+
+def test_round_trip_through_dict():
+    from poise_probe.config import from_dict
+    c = load_config(RECIPES[0].parent / "dapo_tiny.yaml")
+    assert from_dict(c.to_dict()) == c

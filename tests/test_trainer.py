@@ -1,0 +1,257 @@
+"""The trainer end to end on a tiny self-built model: every estimator, step order, resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from poise_probe.config import load_config
+from poise_probe.rundir import RunReader
+from poise_probe.tasks import TASKS, register_task
+from poise_probe.tasks.builtin import ArithTask
+
+STAGES = ("gen", "reward", "old_log_prob", "probe", "adv", "update")
+
+
+class ParityTask(ArithTask):
+    """Arithmetic prompts with a reward a random policy earns half the time (even length).
+
+    A real verifier of a synthetic property, so that a random-initialised model gets mixed
+    rewards and non-zero advantages.
+    """
+
+    name = "test_parity"
+
+    def score(self, completion, example):
+        return float(len(completion) % 2 == 0)
+
+
+class NanTask(ArithTask):
+    name = "test_nan"
+
+    def score(self, completion, example):
+        return float("nan")
+
+
+for _cls in (ParityTask, NanTask):
+    if _cls.name not in TASKS:
+        register_task(_cls.name)(_cls)
+
+
+def tiny_overrides(model_dir, **extra) -> list[str]:
+    base = {
+        "model.path": str(model_dir), "data.tasks": "[test_parity]", "data.pool_size": 32,
+        "data.eval_n": 3, "data.eval_samples": 2, "data.eval_every": 0,
+        "rollout.prompts_per_step": 4, "rollout.num_generations": 2,
+        "rollout.max_completion_length": 12, "optim.lr": 1e-3, "optim.warmup_steps": 0,
+        "optim.mini_batch_prompts": 2, "optim.micro_batch_size": 3, "probe.layer": 0,
+        "probe.bootstrap_steps": 1, "probe.min_steps_to_fit": 1, "probe.snapshot_every": 1,
+        "probe.buffer_caps": "{all: 64}", "trainer.total_steps": 3, "trainer.save_every": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run(model_dir, out, **extra):
+    from poise_probe.trainer import train
+    cfg = load_config(None, tiny_overrides(model_dir, **extra))
+    return train(cfg, out)
+
+
+CONTRACT_KEYS = {"step", "reward/mean", "adv/var_reduction", "adv/identity_max_abs_err",
+                 "tokens/generated", "timing_s/step", "actor/pg_loss", "actor/grad_norm",
+                 "actor/clip_frac"} | {f"timing_s/{s}" for s in STAGES}
+
+
+def test_poise_run_follows_the_contract_and_learns(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = run(tiny_model_dir, tmp_path / "run")
+    r = RunReader(out)
+    assert r.inferred_status() == "finished"
+    metrics = r.metrics()
+    steps = [m for m in metrics if "reward/mean" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    for m in steps:
+        assert CONTRACT_KEYS <= set(m), CONTRACT_KEYS - set(m)
+        assert m["adv/identity_max_abs_err"] < 1e-6
+    # the probe is fitted after step 1 and used from step 2 (bootstrap_steps=1)
+    assert steps[0]["probe/used_frac"] == 0.0
+    assert steps[2]["probe/used_frac"] == 1.0
+    assert "probe/mae" in steps[2] and "probe/pearson" in steps[2]
+    evals = [m for m in metrics if "eval/accuracy" in m]
+    assert [m["step"] for m in evals] == [0, 3]
+    table = r.rollouts(3)
+    assert len(table) == 8 and set(table.rollout_idx) == {0, 1}
+    np.testing.assert_allclose(table.baseline + table.advantage, table.reward, atol=1e-6)
+    # POISE: each rollout's baseline is its sibling's probe prediction (K = 2)
+    for _, g in table.groupby("group_id"):
+        np.testing.assert_allclose(g.baseline.to_numpy(), g.probe_pred.to_numpy()[::-1],
+                                   atol=1e-6)
+    assert all(len(e) == n for e, n in zip(table.token_entropies, table.num_tokens))
+    assert r.probe_snapshot_steps() == [1, 2, 3]
+    # parameters moved
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(r.checkpoints()[-1][1] / "policy").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("estimator, extra", [
+    ("grpo", {"rollout.num_generations": 4}),
+    ("dr_grpo", {"rollout.num_generations": 4}),
+    ("rloo", {"rollout.num_generations": 3}),
+    ("reinforce_pp", {}),
+    ("dapo", {"rollout.num_generations": 4, "algorithm.dynamic_sampling": "true",
+              "algorithm.overlong_shaping": "true", "algorithm.overlong_buffer_len": 4}),
+])
+def test_every_estimator_runs_on_the_same_code_path(tiny_model_dir, tmp_path, estimator, extra):
+    out = run(tiny_model_dir, tmp_path / estimator, **{"algorithm.adv_estimator": estimator,
+                                                       "trainer.total_steps": 2, **extra})
+    r = RunReader(out)
+    steps = [m for m in r.metrics() if "reward/mean" in m]
+    assert len(steps) == 2
+    for m in steps:
+        assert CONTRACT_KEYS <= set(m)
+        assert m["probe/used_frac"] == 0.0          # the shadow probe never sets baselines
+    if estimator == "dapo":
+        assert all("batch/groups_dropped" in m for m in steps)
+        for step in r.rollout_steps():
+            t = r.rollouts(step)
+            spread = t.groupby("group_id").reward.agg(lambda x: x.max() - x.min())
+            if steps[step - 1]["batch/gen_rounds"] < 3:   # refilled in time: no flat groups
+                assert (spread > 0).all()
+
+
+def test_probe_never_sees_the_batch_before_its_baselines(tiny_model_dir, tmp_path, monkeypatch):
+    import poise_probe.trainer as tr
+    from poise_probe.probe import ProbeBank
+
+    events = []
+    real_predict, real_update, real_adv = ProbeBank.predict, ProbeBank.update, \
+        tr.compute_advantages
+
+    def predict(self, features, domains):
+        events.append(("predict", features.shape[0], hash(features.tobytes())))
+        return real_predict(self, features, domains)
+
+    def update(self, features, rewards, group_ids, domains, step):
+        events.append(("update", features.shape[0], hash(features.tobytes())))
+        return real_update(self, features, rewards, group_ids, domains, step)
+
+    def adv(*a, **k):
+        events.append(("adv", None, None))
+        return real_adv(*a, **k)
+
+    monkeypatch.setattr(ProbeBank, "predict", predict)
+    monkeypatch.setattr(ProbeBank, "update", update)
+    monkeypatch.setattr(tr, "compute_advantages", adv)
+    run(tiny_model_dir, tmp_path / "run")
+    kinds = [e[0] for e in events]
+    # per step: predict, then the advantages, then (only then) this batch enters the buffer
+    seen: set[int] = set()
+    for i, (kind, _, h) in enumerate(events):
+        if kind == "predict":
+            assert h not in seen, "the probe was fitted on this batch before predicting it"
+            nxt = kinds[i + 1:]
+            assert nxt.index("adv") < nxt.index("update")
+        if kind == "update":
+            seen.add(h)
+    assert kinds.count("predict") == kinds.count("update") == 3
+
+
+def test_nan_rewards_fail_clearly_and_mark_the_run_failed(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="test_nan.* NaN or inf rewards"):
+        run(tiny_model_dir, tmp_path / "nan", **{"data.tasks": "[test_nan]"})
+    assert RunReader(tmp_path / "nan").inferred_status() == "failed"
+
+
+def test_new_run_refuses_an_existing_run_dir(tiny_model_dir, tmp_path):
+    run(tiny_model_dir, tmp_path / "r", **{"trainer.total_steps": 1})
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(tiny_model_dir, tmp_path / "r", **{"trainer.total_steps": 1})
+
+
+# `poise train` in a fresh process that also registers this file's test tasks
+_RUNNER = ("import sys; sys.path.insert(0, {d!r}); import test_trainer; "
+           "from poise_probe.cli import main; raise SystemExit(main(sys.argv[1:]))")
+
+
+def _train_cmd(model_dir, out, steps, resume=False):
+    runner = _RUNNER.format(d=str(Path(__file__).parent))
+    cmd = [sys.executable, "-c", runner, "train", "--output", str(out)]
+    if resume:
+        cmd.append("--resume")
+    return cmd + tiny_overrides(model_dir, **{"trainer.total_steps": steps})
+
+
+def _state(run_dir: Path):
+    from safetensors.numpy import load_file
+    from safetensors.torch import load_file as load_t
+
+    step, ckpt = RunReader(run_dir).checkpoints()[-1]
+    weights = load_t(str(ckpt / "policy" / "model.safetensors"))
+    bank = load_file(str(ckpt / "probe_bank.safetensors"))
+    def timing(k: str) -> bool:  # wall-clock values differ between any two runs
+        return k.startswith("timing_s/") or k.endswith("fit_s") or k == "time"
+    metrics = [{k: v for k, v in m.items() if not timing(k)} for m in RunReader(run_dir).metrics()]
+    return step, weights, bank, metrics
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    steps = 6
+    subprocess.run(_train_cmd(tiny_model_dir, tmp_path / "full", steps), check=True, env=env,
+                   capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(tiny_model_dir, out, steps), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_000002").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "running" and status["last_step"] < steps
+    assert RunReader(out).inferred_status() == "crashed"
+    subprocess.run(_train_cmd(tiny_model_dir, out, steps, resume=True), check=True, env=env,
+                   capture_output=True)
+    s_full, w_full, b_full, m_full = _state(tmp_path / "full")
+    s_res, w_res, b_res, m_res = _state(out)
+    assert s_full == s_res == steps
+    assert w_full.keys() == w_res.keys()
+    for k in w_full:
+        assert torch.equal(w_full[k], w_res[k]), k
+    assert b_full.keys() == b_res.keys()
+    for k in b_full:
+        np.testing.assert_array_equal(b_full[k], b_res[k], err_msg=k)
+    assert m_full == m_res
+    assert RunReader(out).inferred_status() == "finished"
+
+
+def test_resume_without_checkpoint_fails_clearly(tiny_model_dir, tmp_path):
+    from poise_probe.trainer import train
+    cfg = load_config(None, tiny_overrides(tiny_model_dir))
+    with pytest.raises((FileNotFoundError, ValueError), match="resume"):
+        train(cfg, tmp_path / "nothing", resume=True)
+
+
+def test_cli_train_and_bad_key(tiny_model_dir, tmp_path, capsys):
+    from poise_probe.cli import main
+    rc = main(["train", "--output", str(tmp_path / "cli")] +
+              tiny_overrides(tiny_model_dir, **{"trainer.total_steps": 1}))
+    assert rc == 0
+    out = capsys.readouterr()
+    assert "run directory:" in out.out and "step    1 | reward" in out.err
+    assert main(["train", "optim.lrr=1"]) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
