@@ -72,13 +72,16 @@ def sample_completions(model, tokenizer, prompts: Sequence[str | Messages], num_
         temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
         top_k=0 if do_sample else None, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
         use_cache=True)
-    was_training = model.training
+    was_training, model_config = model.training, model.generation_config
     model.eval()  # no dropout; gradient checkpointing would also disable the KV cache
+    # generate() fills unset fields from model.generation_config: swap it out while sampling
+    model.generation_config = gen_config
     try:
         _generate_rows(model, tokenizer, rows, encoded, batch_size, gen, gen_config, device,
                        eos, out_ids, progress)
     finally:
         model.train(was_training)
+        model.generation_config = model_config
     token_ids = [[out_ids[(i, k)] for k in range(num_samples)] for i in range(len(texts))]
     return Completions(
         texts=[[tokenizer.decode(ids, skip_special_tokens=True) for ids in row]
