@@ -170,6 +170,14 @@ def _group_mean_std(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]
 # Estimators
 # ---------------------------------------------------------------------------------------------
 
+def _sibling_mean(name: str, values: Tensor, group_ids: Tensor) -> Tensor:
+    """Mean of `values` over the *other* rows of each row's group; (N,) -> (N,)."""
+    uniq, inverse, counts = _group_index(group_ids)
+    _require_siblings(name, uniq, counts)
+    total = _group_sum(values, inverse, len(uniq))  # (G,)
+    return (total[inverse] - values) / (counts[inverse] - 1).to(values.dtype)
+
+
 @register_adv_est("poise")
 def poise_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None = None,
                     epsilon: float = 1e-6) -> AdvantageResult:
@@ -177,11 +185,8 @@ def poise_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None 
     del epsilon  # no normalisation, so nothing to stabilise
     rewards, group_ids = _check_rewards(rewards, group_ids, 0.0)
     preds = _check_preds(preds, rewards)
-    uniq, inverse, counts = _group_index(group_ids)
-    _require_siblings("poise", uniq, counts)
-    pred_sum = _group_sum(preds, inverse, len(uniq))  # (G,)
     # Sibling predictions only: b_i does not depend on rollout i, which keeps the gradient unbiased.
-    baselines = (pred_sum[inverse] - preds) / (counts[inverse] - 1).to(rewards.dtype)  # (N,)
+    baselines = _sibling_mean("poise", preds, group_ids)
     return AdvantageResult(rewards - baselines, baselines, torch.ones_like(rewards))
 
 
@@ -191,10 +196,7 @@ def rloo_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None =
     """A_i = r_i - mean_{j != i, same prompt} r_j; (N,) -> (N,). Ahmadian et al. 2024 (RLOO)."""
     del preds, epsilon
     rewards, group_ids = _check_rewards(rewards, group_ids, 0.0)
-    uniq, inverse, counts = _group_index(group_ids)
-    _require_siblings("rloo", uniq, counts)
-    r_sum = _group_sum(rewards, inverse, len(uniq))  # (G,)
-    baselines = (r_sum[inverse] - rewards) / (counts[inverse] - 1).to(rewards.dtype)  # (N,)
+    baselines = _sibling_mean("rloo", rewards, group_ids)
     return AdvantageResult(rewards - baselines, baselines, torch.ones_like(rewards))
 
 

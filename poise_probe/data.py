@@ -38,6 +38,7 @@ class PromptStream:
             self.pools.append(_sample_up_to(task, size, seed))
         self.counters = [0] * len(self.tasks)
         self.turn = 0
+        self._orders: dict[tuple[int, int], list[int]] = {}  # (task, epoch) -> shuffled order
 
     def next(self, n: int) -> list[Prompt]:
         """The next `n` prompts, taking tasks in turn."""
@@ -47,11 +48,18 @@ class PromptStream:
             self.turn += 1
             pool = self.pools[t]
             epoch, pos = divmod(self.counters[t], len(pool))
-            order = list(range(len(pool)))
-            random.Random(f"{self.seed}|{self.names[t]}|epoch{epoch}").shuffle(order)
             self.counters[t] += 1
-            out.append(Prompt(pool[order[pos]], self.tasks[t]))
+            out.append(Prompt(pool[self._order(t, epoch)[pos]], self.tasks[t]))
         return out
+
+    def _order(self, t: int, epoch: int) -> list[int]:
+        """Task t's pool order in `epoch`: a pure function of (seed, task, epoch), cached."""
+        if (t, epoch) not in self._orders:
+            order = list(range(len(self.pools[t])))
+            random.Random(f"{self.seed}|{self.names[t]}|epoch{epoch}").shuffle(order)
+            self._orders = {k: v for k, v in self._orders.items() if k[0] != t}
+            self._orders[(t, epoch)] = order
+        return self._orders[(t, epoch)]
 
     def state_dict(self) -> dict:
         return {"counters": list(self.counters), "turn": self.turn}

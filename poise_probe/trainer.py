@@ -37,6 +37,9 @@ from poise_probe.rundir import RunWriter
 
 logger = logging.getLogger(__name__)
 
+# the sandbox forks worker processes; tokenizers would warn and turn its thread pool off
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 STAGES = ("gen", "reward", "old_log_prob", "probe", "adv", "update")
 
 
@@ -616,5 +619,3 @@ def _prompt_text(prompt) -> str:
     return prompt if isinstance(prompt, str) else "\n".join(
         f"{m['role']}: {m['content']}" for m in prompt)
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -86,3 +86,14 @@ def test_round_trip_through_dict():
     from poise_probe.config import from_dict
     c = load_config(RECIPES[0].parent / "dapo_tiny.yaml")
     assert from_dict(c.to_dict()) == c
+
+
+def test_demo_is_the_poise_tiny_recipe():
+    """`poise demo` keeps its settings in the CLI (recipes are not packaged): no drift allowed."""
+    from poise_probe.cli import DEMO_OVERRIDES
+
+    demo = load_config(None, DEMO_OVERRIDES).to_dict()
+    recipe = load_config(RECIPES[0].parent / "poise_tiny.yaml").to_dict()
+    demo["data"]["eval_every"] = recipe["data"]["eval_every"]  # the demo evaluates at the ends
+    demo["trainer"]["output_dir"] = recipe["trainer"]["output_dir"]
+    assert demo == recipe

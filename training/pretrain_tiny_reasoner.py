@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from poise_probe.evaluation import evaluate
 from poise_probe.models import build_char_tokenizer, build_tiny_config
-from poise_probe.generation import render_prompt
+from poise_probe.generation import encode_prompts
 from poise_probe.tasks import DEFAULT_TASKS, get_task
 
 
@@ -44,8 +44,7 @@ def build_corpus(tokenizer, n_per_task: int, seed: int, error_rate: float,
                 completion = f"<answer>{ex.ground_truth}</answer>"
             else:
                 completion = task.reference(ex, rng=rng, error_rate=error_rate)
-            prompt_ids = tokenizer(render_prompt(tokenizer, ex.prompt),
-                                   add_special_tokens=False)["input_ids"]
+            (prompt_ids,) = encode_prompts(tokenizer, [ex.prompt])
             comp_ids = tokenizer(completion + tokenizer.eos_token,
                                  add_special_tokens=False)["input_ids"]
             corpus.append((prompt_ids + comp_ids, len(prompt_ids)))
