@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(sub)
     _add_train(sub)
     _add_demo(sub)
+    from poise_probe.study.commands import add_probe_parser
+
+    add_probe_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

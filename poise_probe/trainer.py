@@ -456,6 +456,9 @@ def rollout_table(step, batch: Rollouts, preds, adv, advantages, entropies) -> d
         "token_entropies": [entropies[n, :lens[n]].tolist() for n in range(len(rows_g))],
         "num_tokens": lens,
         "truncated": list(batch.truncated),
+        # exact ids, so probe studies can re-run the forward on what the policy saw
+        "prompt_token_ids": [batch.prompt_ids[g] for g in rows_g],
+        "token_ids": [list(ids) for ids in batch.response_ids],
     }
 
 
