@@ -127,7 +127,7 @@ def test_ablation_orders_the_planted_inputs():
 
 
 def test_calibration_recalibrates_out_of_fold_and_reports_every_method():
-    ds, p = make_dataset()
+    ds, _ = make_dataset()
     oof = A.oof_predictions(ds, 1, 5, alphas=(10.0,))
     oof["pred"] = np.clip(0.5 * oof["pred"] + 0.45, 0, 1)  # plant over-confidence and bias
     res = A.calibration(oof)

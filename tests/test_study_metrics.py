@@ -13,10 +13,23 @@ from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
 
 from poise_probe.study.metrics import (
-    REPORT_KEYS, IsotonicCalibrator, LinearCalibrator, PlattCalibrator, auroc, bootstrap_ci,
-    calibration_report, calibration_slope_intercept, cross_fit_recalibrate, ece,
-    explained_variance_ceiling, grouped_report, make_calibrator, murphy_decomposition,
-    out_of_range_fraction, regression_metrics, reliability_table,
+    REPORT_KEYS,
+    IsotonicCalibrator,
+    LinearCalibrator,
+    PlattCalibrator,
+    auroc,
+    bootstrap_ci,
+    calibration_report,
+    calibration_slope_intercept,
+    cross_fit_recalibrate,
+    ece,
+    explained_variance_ceiling,
+    grouped_report,
+    make_calibrator,
+    murphy_decomposition,
+    out_of_range_fraction,
+    regression_metrics,
+    reliability_table,
 )
 
 # Hand example 1 (uniform, 2 bins): bin [0, .5) holds {.1, .2} -> mean_pred .15, mean_outcome .5,
@@ -354,7 +367,7 @@ def test_bootstrap_resamples_groups_not_rows():
     rng = np.random.default_rng(0)
     y = np.repeat(rng.uniform(size=20), 10)
     pred = np.full(200, 0.5)
-    mean_y = lambda p, o: float(np.mean(o))  # noqa: E731
+    mean_y = lambda p, o: float(np.mean(o))
     lo_c, hi_c = bootstrap_ci(mean_y, pred, y, np.repeat(np.arange(20), 10), n_boot=300)
     lo_r, hi_r = bootstrap_ci(mean_y, pred, y, np.arange(200), n_boot=300)
     assert hi_c - lo_c > 2.0 * (hi_r - lo_r)

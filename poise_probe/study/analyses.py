@@ -10,20 +10,33 @@ rewards (TOOLING.md 2.2). Each function returns tidy pandas tables; `figures.py`
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from poise_probe.capture.dataset import FEATURE_SETS, CaptureDataset
 from poise_probe.study import metrics as M
-from poise_probe.study.ridge import (cross_val_predict, fit_predict, grouped_folds,
-                                     prompt_groups)
+from poise_probe.study.ridge import (
+    cross_val_predict,
+    fit_predict,
+    grouped_folds,
+    prompt_groups,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["study_targets", "sweep", "ablation", "best_setting", "calibration",
-           "calibration_over_steps", "transfer", "PAPER_ABLATION", "DEFAULT_ALPHAS"]
+__all__ = [
+    "DEFAULT_ALPHAS",
+    "PAPER_ABLATION",
+    "ablation",
+    "best_setting",
+    "calibration",
+    "calibration_over_steps",
+    "study_targets",
+    "sweep",
+    "transfer",
+]
 
 DEFAULT_ALPHAS = (1.0, 10.0, 100.0, 1000.0)
 #: POISE.md "Published results": Qwen3-4B DAPO-Math, MAE / Pearson r against Avg@8.

@@ -27,11 +27,24 @@ from poise_probe.diagnostics import _pearson, _ratio_skill, _vec, probe_diagnost
 from poise_probe.probe import _as_id_list, _group_index
 
 __all__ = [
-    "regression_metrics", "murphy_decomposition", "reliability_table", "ece",
-    "calibration_slope_intercept", "auroc", "explained_variance_ceiling",
-    "out_of_range_fraction", "LinearCalibrator", "PlattCalibrator", "IsotonicCalibrator",
-    "CALIBRATORS", "make_calibrator", "cross_fit_recalibrate", "bootstrap_ci",
-    "calibration_report", "grouped_report", "REPORT_KEYS",
+    "CALIBRATORS",
+    "REPORT_KEYS",
+    "IsotonicCalibrator",
+    "LinearCalibrator",
+    "PlattCalibrator",
+    "auroc",
+    "bootstrap_ci",
+    "calibration_report",
+    "calibration_slope_intercept",
+    "cross_fit_recalibrate",
+    "ece",
+    "explained_variance_ceiling",
+    "grouped_report",
+    "make_calibrator",
+    "murphy_decomposition",
+    "out_of_range_fraction",
+    "regression_metrics",
+    "reliability_table",
 ]
 
 logger = logging.getLogger(__name__)

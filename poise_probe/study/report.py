@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,8 +31,16 @@ log = logging.getLogger(__name__)
 
 STUDY_KIND = "poise-probe-study"
 
-__all__ = ["StudyWriter", "STUDY_KIND", "sweep_heatmap", "ablation_chart", "reliability_chart",
-           "transfer_heatmap", "recovery_chart", "calibration_steps_chart"]
+__all__ = [
+    "STUDY_KIND",
+    "StudyWriter",
+    "ablation_chart",
+    "calibration_steps_chart",
+    "recovery_chart",
+    "reliability_chart",
+    "sweep_heatmap",
+    "transfer_heatmap",
+]
 
 
 class StudyWriter:
@@ -76,7 +85,7 @@ class StudyWriter:
         if self.png:
             try:
                 fig.write_image(str(d / f"{name}.png"), width=1000, height=600, scale=1)
-            except Exception as err:  # kaleido or a browser missing: HTML/JSON still written
+            except Exception as err:  # noqa: BLE001 - kaleido or a browser missing: HTML/JSON still written
                 log.warning("no PNG for %s/%s (%s); HTML and JSON were written", analysis, name,
                             str(err).splitlines()[0] if str(err) else type(err).__name__)
                 self.png = False
