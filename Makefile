@@ -29,3 +29,14 @@ test-fast: setup
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# The probe-study notebooks (notebooks/README.md): capture the tiny reasoner's rollouts (resumes,
+# or only checks, a capture already there), then rewrite and execute the notebooks with outputs.
+# NB_RUN: a trainer run directory for the calibration notebook's "over training steps" section.
+NB_DATA ?= notebooks/data/tiny_capture
+NB_RUN ?=
+.PHONY: notebooks
+notebooks: setup
+	$(VENV)/bin/poise probe capture --tasks arith,boolean,code_output --prompts 200 --samples 4 \
+		--out $(NB_DATA)
+	$(PY) notebooks/build.py --execute --data $(NB_DATA) $(if $(NB_RUN),--run $(NB_RUN))
