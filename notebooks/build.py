@@ -136,15 +136,13 @@ display(overview)
 SETTING = '''\
 # The trainer reads `reasoning_last` (the last n tokens before </think>); its best layer and window
 # come from the same grouped-CV sweep as in 01_layer_sweep.ipynb, restricted to that pooling.
-# Set POISE_NB_LAYER / POISE_NB_WINDOW to fix them instead.
-if os.environ.get("POISE_NB_LAYER") and os.environ.get("POISE_NB_WINDOW"):
-    LAYER, WINDOW = int(os.environ["POISE_NB_LAYER"]), int(os.environ["POISE_NB_WINDOW"])
-    ALPHA = 100.0
-else:
-    quick = A.sweep(ds, poolings=("reasoning_last",), alphas=ALPHAS, n_splits=FOLDS, seed=SEED)
-    best = A.best_setting(quick, "pearson_avg_k")
-    LAYER, WINDOW, ALPHA = best["layer"], best["window"], best["alpha"]
-POOLING = "reasoning_last"
+# Set POISE_NB_LAYER and POISE_NB_WINDOW to fix them instead (alpha is still chosen by CV).
+fixed = bool(os.environ.get("POISE_NB_LAYER") and os.environ.get("POISE_NB_WINDOW"))
+quick = A.sweep(ds, layers=[int(os.environ["POISE_NB_LAYER"])] if fixed else None,
+                windows=[int(os.environ["POISE_NB_WINDOW"])] if fixed else None,
+                poolings=("reasoning_last",), alphas=ALPHAS, n_splits=FOLDS, seed=SEED)
+best = A.best_setting(quick, "pearson_avg_k")
+LAYER, WINDOW, ALPHA, POOLING = best["layer"], best["window"], best["alpha"], best["pooling"]
 display(Markdown(f"Setting: **layer {LAYER}, window n = {WINDOW}, {POOLING}**, ridge alpha {ALPHA:g}."))
 '''
 
@@ -369,7 +367,7 @@ CALIBRATION = [
     res = A.calibration(oof, methods=METHODS, seed=SEED)
     summary = res["summary"]
     display(summary[["method", "n", "ece_uniform", "ece_quantile", "ece_quantile_ci_low",
-                     "ece_quantile_ci_high", "mce", "mae", "explained_var", "calib_slope",
+                     "ece_quantile_ci_high", "mce", "mae", "explained_var", "ev_ceiling", "calib_slope",
                      "calib_intercept", "auroc", "n_distinct_preds"]])
     """, "ece-table"),
     md("""
@@ -455,6 +453,9 @@ CALIBRATION = [
         f"- Brier {s.loc['raw', 'brier']:.3f} = reliability {s.loc['raw', 'reliability']:.3f} − "
         f"resolution {s.loc['raw', 'resolution']:.3f} + uncertainty {s.loc['raw', 'uncertainty']:.3f};"
         f" calibration slope {s.loc['raw', 'calib_slope']:.2f} (1 is ideal).",
+        f"- Out of fold the raw probe explains {s.loc['raw', 'explained_var']:.3f} of the variance "
+        f"of individual rewards; a perfect per-prompt value would explain "
+        f"{s.loc['raw', 'ev_ceiling']:.3f} (the rest is sampling noise within a prompt).",
     ]
     d = res["by_domain"].set_index("domain")
     lines.append("- ECE by domain: " + ", ".join(f"{k} {v:.3f}" for k, v in d["ece_quantile"].items())
@@ -593,9 +594,81 @@ TRANSFER = [
 
 # Written after reading the full-mode outputs (seed 0); the cells above print the live numbers.
 INTERPRETATIONS = {
-    "INTERPRETATION_01": "(to be written)",
-    "INTERPRETATION_02": "(to be written)",
-    "INTERPRETATION_03": "(to be written)",
+    "INTERPRETATION_01": """
+    - **Layer and window matter little on this model.** Every setting reaches Pearson r
+      0.71–0.76 with Avg@K (MAE 0.19–0.21). The last 5 tokens before `</think>` at layer 3 of
+      the tiny reasoner's 6 blocks are best, by about 0.01 over layers 2, 4 and 5; a window of 1
+      is weaker than 5 or 10 for `reasoning_last` from layer 1 on, and `response_last` (the final
+      token alone) is the weakest pooling. The paper reports the same shape: mid-to-late layers
+      best, the window barely mattering past 5 tokens.
+    - **The ablation keeps the paper's order at the top and the bottom**: full > reasoning state,
+      with length last, and full and reasoning-only close to each other (0.755 / 0.723 here,
+      0.838 / 0.821 in the paper): the reasoning state carries most of the signal.
+    - **Two differences.** The prompt state beats entropy here (r 0.705 vs 0.656; the paper has
+      0.569 vs 0.780), and length carries nothing (r 0.03; paper 0.494). Both follow from the
+      data: the three synthetic tasks have very different success rates (code 0.29, math 0.71,
+      logic 0.86), the prompt state identifies the task (the domain label alone reaches a pooled
+      r of 0.66, next section), and responses are short (about 22 tokens) with no long failing
+      chains of thought, which is where length predicts failure in long-CoT math.
+    - **Within a domain the probe is weaker than the pooled r suggests**: the full input's mean
+      within-domain r is 0.35 (code 0.62, math 0.38, logic 0.06). Logic has almost no
+      between-prompt variance to find (86% success; a perfect per-prompt value would explain
+      only about 3% of its reward variance, see `ev_ceiling` in 02_calibration), so its Avg@4
+      is mostly sampling noise. In code and math the full input is the best input, and the
+      reasoning state adds most over the prompt state in code (0.55 vs 0.45), where rollouts of
+      one prompt differ most. The domain label's within-domain r is slightly negative, as
+      out-of-fold means are: a fold's training mean moves against its test prompts.
+    - **Absolute numbers are not the paper's**: a 6-block, 192-wide model on synthetic tasks
+      with K = 4 (a noisier Avg@K than the paper's Avg@8) against Qwen3-4B on DAPO-Math.
+    """,
+    "INTERPRETATION_02": """
+    - **In domain, the out-of-fold probe is already calibrated**: ECE 0.040 with equal-mass bins
+      (95% CI 0.030–0.061) and 0.037 with equal-width bins, calibration slope 1.01 and intercept
+      −0.01. A ridge fitted with an intercept on the leave-one-out target (an unbiased estimate of
+      the value) is close to conditionally unbiased, and clipping touches under 2% of rows.
+    - **Recalibration does not help here**: linear 0.042, Platt 0.052 (worse: a logistic map
+      bends a probe that is already linear), isotonic 0.038 — all inside the raw probe's
+      interval, and isotonic collapses 1,468 distinct predictions to 105 steps, losing the
+      resolution a baseline is for. Keep the raw probe in domain; recalibration earns its keep
+      across domains (03_transfer).
+    - **The Brier score is almost all resolution and noise**: 0.159 = reliability 0.005 −
+      resolution 0.083 + uncertainty 0.236. Miscalibration costs 0.005; the probe explains 0.33
+      of the reward variance where a perfect per-prompt value would explain 0.43.
+    - **By domain** the mean is right everywhere (ECE 0.04–0.06) but discrimination is not: in
+      logic the resolution is 0.002 and the calibration slope 0.24 (predictions spread without
+      tracking outcomes — there is little between-prompt signal to track); code resolves best.
+      **By length**, longer responses are predicted better (explained variance 0.19 → 0.43 from
+      the shortest to the longest quarter) with similar calibration error.
+    - **The online probe over training** (run `demo_a10`: POISE with K = 2 on the tiny reasoner,
+      60 steps, probe refitted every step from its buffer): early on its predictions are too
+      spread (slope 0.70, ECE about 0.10 at steps 5–14); by steps 55–59 the slope is 1.0, the
+      ECE 0.05 and the explained variance 0.40, as the buffer fills and the policy settles. The
+      points are noisy (320 rollouts each; steps 20–24 dip), and the last point holds one step.
+    """,
+    "INTERPRETATION_03": """
+    - **Ranking transfers partly, levels do not.** Fitted on logic or math, the probe ranks
+      code prompts with r 0.44 and 0.37 (in-domain 0.63), and code → math / logic → math reach
+      0.17 / 0.29 (in-domain 0.36). But the MAE of any pair involving code is 0.55–0.72 against
+      0.16–0.22 in domain: the probe carries its source's base rate (code succeeds 29% of the
+      time, math 71%, logic 86%), and ECE follows: probes fitted on logic or math predict
+      0.82–0.88 on average for code, and the code-fitted probe predicts 0 (clipped) for 85% of
+      math rows. The `LinearCalibrator: constant predictions` warnings above are math
+      adaptation sets on which it predicted 0 throughout, where recalibration can only move to
+      the target mean.
+    - **Into logic nothing transfers, and nothing is there in domain either** (r ≈ 0): its
+      Avg@4 is mostly sampling noise (see 01 and 02).
+    - **Surface baselines transfer as well as the full input**: across domains the mean r is
+      0.21 for the full input, 0.20 for the prompt state and 0.25 for entropy alone (length
+      −0.04). What crosses domains looks like a generic signal that surface features carry as
+      well, not a direction specific to the full probe; a probe for a new domain should be
+      refitted, or at least recalibrated, on it.
+    - **A few target prompts recover in-domain quality.** Fitting on 16 target prompts
+      (64 rollouts) alone comes within 10% of the in-domain MAE for every pair. Recalibrating the
+      source probe is faster when only the level is off (into logic: 8 prompts, MAE 0.72 → 0.17
+      from code) but plateaus above the ceiling when the ranking does not transfer (into code,
+      never within 10%). Refitting on source + target helps most between similar domains
+      (logic → math: 4 prompts) and least into code (64 prompts, or not within the sizes tried).
+    """,
 }
 
 NOTEBOOKS = {"01_layer_sweep": SWEEP, "02_calibration": CALIBRATION, "03_transfer": TRANSFER}
