@@ -71,6 +71,12 @@ def shard_name(index: int) -> str:
     return f"shard_{index:06d}"
 
 
+def shard_done(root: Path, name: str) -> bool:
+    """A shard is complete when both its files were renamed into place (tensors first)."""
+    d = root / "shards"
+    return (d / f"{name}.safetensors").is_file() and (d / f"{name}.parquet").is_file()
+
+
 def tensor_name(layer: int, pooling: str) -> str:
     """Safetensors key of one layer's pooled residual stream: `layers.19.resid_post.prompt_last_10`."""
     return f"layers.{layer}.resid_post.{pooling}"
@@ -200,7 +206,7 @@ class CaptureDataset:
         self.n_rows = int(m["n_rows"])
         n_shards = -(-self.n_rows // int(m["shard_rows"])) if self.n_rows else 0
         self.shards = [shard_name(i) for i in range(n_shards)]
-        missing = [s for s in self.shards if not self._shard_done(s)]
+        missing = [s for s in self.shards if not shard_done(self.path, s)]
         if missing and not allow_partial:
             raise DatasetError(f"{self.path}: capture incomplete, {len(missing)} of "
                                f"{len(self.shards)} shards missing (first {missing[0]}); rerun "
@@ -208,10 +214,6 @@ class CaptureDataset:
         self.shards = [s for s in self.shards if s not in missing]
         self._cache: dict[str, np.ndarray] = {}
         self._index: pd.DataFrame | None = None
-
-    def _shard_done(self, name: str) -> bool:
-        d = self.path / "shards"
-        return (d / f"{name}.safetensors").is_file() and (d / f"{name}.parquet").is_file()
 
     def __len__(self) -> int:
         return len(self.index)

@@ -20,6 +20,7 @@ from poise_probe.capture.dataset import (
     CaptureDataset,
     DatasetError,
     build_index,
+    shard_done,
     fingerprint_model,
     fingerprint_tokenizer,
     new_manifest,
@@ -97,7 +98,7 @@ def capture(model, tokenizer, plan: pd.DataFrame, out_dir: str | os.PathLike, sp
     for s in range(n_shards):
         name = shard_name(s)
         lo, hi = s * shard_rows, min(len(plan), (s + 1) * shard_rows)
-        if _shard_done(out, name):
+        if shard_done(out, name):
             if progress:
                 progress(hi - lo)
             continue
@@ -137,11 +138,6 @@ def _check_resume(out: Path, manifest: dict) -> None:
         raise DatasetError(f"{out} holds a capture made with other settings ({what}).{hint} "
                            f"Resume with the original model and arguments, or use a new --out.")
     manifest["created"] = old.get("created", manifest["created"])
-
-
-def _shard_done(out: Path, name: str) -> bool:
-    return ((out / "shards" / f"{name}.safetensors").is_file()
-            and (out / "shards" / f"{name}.parquet").is_file())
 
 
 def _write_shard(out: Path, name: str, rows: pd.DataFrame, capturer: Capturer,

@@ -81,12 +81,6 @@ def _score(pred: np.ndarray, t: pd.DataFrame, reward: np.ndarray) -> dict[str, f
     return out
 
 
-def _pooled(ds: CaptureDataset, layer: int, window: int, pooling: str) -> np.ndarray:
-    second = f"reasoning_last_{window}" if pooling == "reasoning_last" else pooling
-    return np.concatenate([ds.pooled(layer, f"prompt_last_{window}"), ds.pooled(layer, second),
-                           ds.entropy_stats()], axis=1)
-
-
 def sweep(ds: CaptureDataset, *, layers: Sequence[int] | None = None,
           windows: Sequence[int] | None = None, poolings: Sequence[str] = REASONING_POOLINGS,
           alphas: Sequence[float] = DEFAULT_ALPHAS, n_splits: int = 5, seed: int = 0,
@@ -106,7 +100,7 @@ def sweep(ds: CaptureDataset, *, layers: Sequence[int] | None = None,
             for pooling in poolings:
                 if pooling != "reasoning_last" and pooling not in ds.poolings:
                     continue
-                X = _pooled(ds, layer, window, pooling)
+                X = ds.poise_features(layer, window, pooling)
                 cv = cross_val_predict(X, t["loo"].to_numpy(), t["cv_group"].to_numpy(), alphas,
                                        seed=seed, folds=folds)
                 rows.append({"layer": layer, "window": window, "pooling": pooling,
@@ -153,7 +147,7 @@ def oof_predictions(ds: CaptureDataset, layer: int, window: int, *,
                     n_splits: int = 5, seed: int = 0) -> pd.DataFrame:
     """Out-of-fold probe predictions (clipped and raw) with rewards and targets, one row each."""
     t = study_targets(ds.index)
-    X = _pooled(ds, layer, window, pooling)
+    X = ds.poise_features(layer, window, pooling)
     cv = cross_val_predict(X, t["loo"].to_numpy(), t["cv_group"].to_numpy(), alphas,
                            n_splits=n_splits, seed=seed)
     idx = ds.index
@@ -280,7 +274,7 @@ def transfer(ds: CaptureDataset, layer: int, window: int, *, pooling: str = "rea
                          f"arith,boolean,code_output).")
     reward = idx["reward"].to_numpy(dtype=float)
     loo, groups = t["loo"].to_numpy(), t["cv_group"].to_numpy()
-    sets = {fs: (_pooled(ds, layer, window, pooling) if fs == "full"
+    sets = {fs: (ds.poise_features(layer, window, pooling) if fs == "full"
                  else ds.design(fs, layer, window, pooling))
             for fs in ("full", "prompt", "entropy", "length")}
     rows = []
