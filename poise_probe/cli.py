@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     from poise_probe.study.commands import add_probe_parser
 
     add_probe_parser(sub)
+    from poise_probe.dashboard import add_parser as add_dashboard_parser
+
+    add_dashboard_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -186,6 +189,10 @@ def _train_with_progress(cfg, output, resume: bool, demo: bool = False) -> int:
     reader = RunReader(run_dir)
     _print_before_after(reader)
     print(f"run directory: {run_dir}")
+    if demo:
+        from poise_probe.dashboard import dashboard_command
+
+        print(f"open the dashboard: {dashboard_command(run_dir)}")
     return 0
 
 

@@ -239,6 +239,24 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_pa
     assert RunReader(out).inferred_status() == "finished"
 
 
+def test_demo_ends_by_printing_the_dashboard_command(tiny_model_dir, tmp_path, capsys):
+    """`poise demo` (its recipe, shortened) ends with the `poise dashboard` line for its run,
+    and that exact command line parses and points streamlit at the run."""
+    import shlex
+
+    from poise_probe.cli import main
+    out = tmp_path / "demo run"
+    rc = main(["demo", "--output", str(out)] +
+              tiny_overrides(tiny_model_dir, **{"trainer.total_steps": 1}))
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("open the dashboard: poise dashboard ")
+    argv = shlex.split(lines[-1].split(": ", 1)[1])
+    assert argv[:2] == ["poise", "dashboard"] and Path(argv[2]) == out
+    assert main(argv[1:] + ["--dry-run"]) == 0
+    assert f"-- {shlex.quote(str(out.resolve()))}" in capsys.readouterr().out
+
+
 def test_resume_without_checkpoint_fails_clearly(tiny_model_dir, tmp_path):
     from poise_probe.trainer import train
     cfg = load_config(None, tiny_overrides(tiny_model_dir))

@@ -1,0 +1,366 @@
+"""Numbers behind the dashboard's charts: per-step frames, smoothing, calibration, pair metrics.
+
+Pure pandas/numpy on frames read from a run directory (docs/run-format.md); no Streamlit here,
+so every function is testable on its own.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+#: |advantage| below this counts as zero (float noise: r - b can be 6e-8 when r == b).
+ZERO_ADVANTAGE = 1e-6
+
+X_AXES = {"step": "step", "tokens": "generated tokens", "wall": "wall-clock (hours)"}
+
+
+# --------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def numeric_frame(records: list[dict]) -> pd.DataFrame:
+    """Metric records as a frame; a column of numbers (some null) is float64, as RunReader does."""
+    if not records:
+        return pd.DataFrame({"step": pd.Series([], dtype="int64")})
+    frame = pd.DataFrame.from_records(records)
+    for name in frame.columns:
+        if frame[name].dtype == object:
+            values = frame[name].dropna()
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                frame[name] = frame[name].astype("float64")
+    return frame
+
+
+def per_step(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per step (the last non-null value of each key) plus x-axis columns.
+
+    `_x_step`, `_x_tokens` (cumulative `tokens/generated`) and `_x_wall` (hours since the first
+    line) are added; a run resumed after a crash keeps its wall-clock gap, which is honest.
+    """
+    if frame.empty or "step" not in frame:
+        return pd.DataFrame(columns=["step", "_x_step", "_x_tokens", "_x_wall"])
+    merged = frame.groupby("step", sort=True).last().reset_index()
+    merged["_x_step"] = merged["step"].astype(float)
+    if "tokens/generated" in merged:
+        tokens = pd.to_numeric(merged["tokens/generated"], errors="coerce")
+        merged["_x_tokens"] = tokens.fillna(0).cumsum()
+    else:  # nothing generated yet (only the step-0 evaluation is logged)
+        merged["_x_tokens"] = 0.0
+    if "time" in merged:
+        t = pd.to_numeric(merged["time"], errors="coerce")
+        merged["_x_wall"] = (t - t.min()) / 3600.0
+    else:
+        merged["_x_wall"] = np.nan
+    return merged
+
+
+def ema(values: Iterable[float], weight: float) -> np.ndarray:
+    """TensorBoard's debiased exponential moving average; NaNs are skipped (and stay NaN).
+
+    weight 0 returns the values; 0.9 averages over roughly the last 10 points.
+    """
+    x = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float)
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"smoothing weight must be in [0, 1); got {weight}")
+    if weight == 0.0:
+        return x.copy()
+    out = np.full_like(x, np.nan)
+    last, num = 0.0, 0
+    for i, v in enumerate(x):
+        if not math.isfinite(v):
+            continue
+        last = last * weight + (1 - weight) * v
+        num += 1
+        out[i] = last / (1 - weight ** num)
+    return out
+
+
+def keys_matching(columns: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    """Columns matching any glob pattern (`reward/*/mean`), in pattern order then name order."""
+    columns = [c for c in columns if not c.startswith("_")]
+    out: list[str] = []
+    for pattern in patterns:
+        for name in sorted(fnmatch.filter(columns, pattern)):
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def domain_of(key: str) -> str:
+    """`reward/math/mean` -> math, `eval/domain/code/accuracy` -> code, else the key itself."""
+    parts = key.split("/")
+    if len(parts) == 4 and parts[1] == "domain":
+        return parts[2]
+    if len(parts) == 3:
+        return parts[1]
+    return key
+
+
+def stage_shares(steps: pd.DataFrame) -> pd.Series:
+    """Mean share of each `timing_s/<stage>` in `timing_s/step` (eval excluded), summing to ~1."""
+    if "timing_s/step" not in steps:
+        return pd.Series(dtype=float)
+    total = pd.to_numeric(steps["timing_s/step"], errors="coerce")
+    shares = {}
+    for key in steps.columns:
+        if key.startswith("timing_s/") and key not in ("timing_s/step", "timing_s/eval"):
+            share = pd.to_numeric(steps[key], errors="coerce") / total
+            if share.notna().any():
+                shares[key.removeprefix("timing_s/")] = float(share.mean())
+    series = pd.Series(shares, dtype=float)
+    other = 1.0 - series.sum()
+    if len(series) and other > 1e-3:
+        series["other"] = other
+    return series
+
+
+# --------------------------------------------------------------------------------------------
+# config and run summaries
+
+
+def flatten(mapping: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys: {"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+    if not isinstance(mapping, Mapping):
+        return {prefix: mapping} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def config_diff(a: Mapping, b: Mapping, *, show_all: bool = False) -> pd.DataFrame:
+    """Keys of two configs with their values; only the differing ones unless `show_all`."""
+    fa, fb = flatten(a), flatten(b)
+    rows = []
+    for key in sorted(set(fa) | set(fb)):
+        va, vb = fa.get(key, "(absent)"), fb.get(key, "(absent)")
+        differs = va != vb
+        if differs or show_all:
+            rows.append({"key": key, "A": _show(va), "B": _show(vb), "differs": differs})
+    return pd.DataFrame(rows, columns=["key", "A", "B", "differs"])
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
+def best_eval(steps: pd.DataFrame, key: str = "eval/accuracy") -> tuple[float, int] | None:
+    """(best value, its step) of a held-out metric, or None when never evaluated."""
+    if key not in steps:
+        return None
+    values = pd.to_numeric(steps[key], errors="coerce")
+    if values.notna().sum() == 0:
+        return None
+    i = values.idxmax()
+    return float(values[i]), int(steps.loc[i, "step"])
+
+
+# --------------------------------------------------------------------------------------------
+# probe predictions against observed rewards
+
+
+def target_column(df: pd.DataFrame) -> str:
+    """What the probe predicts: the verifier's `score` when logged, else `reward`."""
+    if "score" in df and pd.to_numeric(df["score"], errors="coerce").notna().any():
+        return "score"
+    return "reward"
+
+
+def reliability_bins(pred: np.ndarray, obs: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
+    """Equal-mass bins of the predictions: mean prediction, mean outcome and a 95% interval.
+
+    The interval is the normal one on the bin's mean outcome (standard error of the mean),
+    clipped to [0, 1]; equal-mass bins keep every point's standard error comparable.
+    """
+    pred, obs = np.asarray(pred, float), np.asarray(obs, float)
+    keep = np.isfinite(pred) & np.isfinite(obs)
+    pred, obs = pred[keep], obs[keep]
+    cols = ["bin", "n", "pred_mean", "obs_mean", "obs_lo", "obs_hi", "pred_lo", "pred_hi"]
+    if len(pred) == 0:
+        return pd.DataFrame(columns=cols)
+    order = np.argsort(pred, kind="stable")
+    rows = []
+    for i, idx in enumerate(np.array_split(order, min(n_bins, len(pred)))):
+        p, o = pred[idx], obs[idx]
+        se = float(o.std(ddof=1) / math.sqrt(len(o))) if len(o) > 1 else float("nan")
+        m = float(o.mean())
+        rows.append({"bin": i, "n": len(idx), "pred_mean": float(p.mean()), "obs_mean": m,
+                     "obs_lo": max(0.0, m - 1.96 * se) if math.isfinite(se) else m,
+                     "obs_hi": min(1.0, m + 1.96 * se) if math.isfinite(se) else m,
+                     "pred_lo": float(p.min()), "pred_hi": float(p.max())})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def expected_calibration_error(bins: pd.DataFrame) -> float:
+    """ECE over the bins: sum_b n_b/N |mean outcome_b - mean prediction_b|."""
+    if bins.empty:
+        return float("nan")
+    w = bins["n"] / bins["n"].sum()
+    return float((w * (bins["obs_mean"] - bins["pred_mean"]).abs()).sum())
+
+
+def calibration_summary(pred: np.ndarray, obs: np.ndarray, n_bins: int = 10) -> dict[str, float]:
+    """MAE, bias, Pearson, Brier skill (1 - MSE/Var(y)), ECE and calibration slope/intercept."""
+    pred, obs = np.asarray(pred, float), np.asarray(obs, float)
+    keep = np.isfinite(pred) & np.isfinite(obs)
+    p, y = pred[keep], obs[keep]
+    out = {"n": float(len(p))}
+    if len(p) == 0:
+        return out | {k: float("nan") for k in ("mae", "bias", "pearson", "brier_skill", "ece",
+                                                "slope", "intercept")}
+    err = p - y
+    var_y, var_p = float(y.var()), float(p.var())
+    out["mae"] = float(np.abs(err).mean())
+    out["bias"] = float(err.mean())
+    out["pearson"] = (float(np.corrcoef(p, y)[0, 1]) if var_y > 0 and var_p > 0
+                      else float("nan"))
+    out["brier_skill"] = 1.0 - float((err ** 2).mean()) / var_y if var_y > 0 else float("nan")
+    out["ece"] = expected_calibration_error(reliability_bins(p, y, n_bins))
+    # Slope of outcome on prediction: 1 is calibrated, < 1 over-confident.
+    out["slope"] = float(np.cov(p, y, ddof=0)[0, 1] / var_p) if var_p > 0 else float("nan")
+    out["intercept"] = (float(y.mean() - out["slope"] * p.mean())
+                        if math.isfinite(out["slope"]) else float("nan"))
+    return out
+
+
+def pair_sign_accuracy(df: pd.DataFrame, target: str,
+                       pred: str = "probe_pred") -> tuple[float, int]:
+    """Share of within-group pairs with different outcomes that the probe orders correctly.
+
+    Pairs come from rollouts of one prompt (same step and group_id); a tie in the predictions
+    counts one half. Returns (accuracy, number of pairs); NaN when there are no such pairs.
+    """
+    cols = ["step", "group_id", "rollout_idx", target, pred]
+    if any(c not in df for c in cols):
+        return float("nan"), 0
+    d = df[cols].dropna(subset=[target, pred])
+    pairs = d.merge(d, on=["step", "group_id"], suffixes=("_a", "_b"))
+    pairs = pairs[(pairs["rollout_idx_a"] < pairs["rollout_idx_b"])
+                  & (pairs[f"{target}_a"] != pairs[f"{target}_b"])]
+    if pairs.empty:
+        return float("nan"), 0
+    dy = np.sign(pairs[f"{target}_a"] - pairs[f"{target}_b"])
+    dp = np.sign(pairs[f"{pred}_a"] - pairs[f"{pred}_b"])
+    score = np.where(dp == 0, 0.5, (dy == dp).astype(float))
+    return float(score.mean()), len(pairs)
+
+
+def baseline_errors(df: pd.DataFrame, target: str) -> pd.DataFrame:
+    """Mean squared error against the reward of each candidate baseline, per domain and overall.
+
+    Candidates: the baseline the run used; the leave-one-out mean of the siblings' rewards (what
+    RLOO uses, the group-average reference); the mean of the siblings' probe predictions (the
+    POISE baseline); and the rollout's own probe prediction. The question of arXiv 2605.29782:
+    is the value estimate better than the group average?
+    """
+    need = ["step", "group_id", "reward", "baseline", "probe_pred", "domain"]
+    if any(c not in df for c in need) or df.empty:
+        return pd.DataFrame(columns=["domain", "baseline", "mse", "n"])
+    d = df[need].copy()
+    grp = d.groupby(["step", "group_id"])
+    k = grp["reward"].transform("count")
+    loo = (grp["reward"].transform("sum") - d["reward"]) / (k - 1)
+    pred = d["probe_pred"]
+    sib = (grp["probe_pred"].transform("sum") - pred) / (grp["probe_pred"].transform("count") - 1)
+    cands = {"used by the run": d["baseline"], "sibling reward mean (RLOO)": loo.where(k > 1),
+             "sibling probe mean (POISE)": sib, "own probe prediction": pred}
+    rows = []
+    parts = [("all", d.index)] + list(d.groupby("domain").groups.items())
+    for dom, sub in parts:
+        for name, values in cands.items():
+            v = values.loc[sub]
+            r = d.loc[sub, "reward"]
+            ok = v.notna() & r.notna()
+            if ok.any():
+                rows.append({"domain": dom, "baseline": name,
+                             "mse": float(((r[ok] - v[ok]) ** 2).mean()), "n": int(ok.sum())})
+    return pd.DataFrame(rows, columns=["domain", "baseline", "mse", "n"])
+
+
+# --------------------------------------------------------------------------------------------
+# rollout filtering
+
+
+def advantage_sign(adv: pd.Series) -> pd.Series:
+    """"positive" | "negative" | "zero" (|A| < 1e-6) | "none" (NaN) per rollout."""
+    a = pd.to_numeric(adv, errors="coerce")
+    out = np.where(a > ZERO_ADVANTAGE, "positive",
+                   np.where(a < -ZERO_ADVANTAGE, "negative", "zero"))
+    return pd.Series(np.where(a.isna(), "none", out), index=adv.index)
+
+
+@dataclass
+class RolloutFilter:
+    """What the Rollouts page filters on; every field left at its default keeps every row."""
+
+    domains: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    reward_range: tuple[float, float] | None = None
+    advantage_signs: list[str] = field(default_factory=list)
+    min_probe_error: float = 0.0
+    text: str = ""
+    regex: bool = False
+    truncated_only: bool = False
+
+    def apply(self, df: pd.DataFrame, target: str) -> pd.DataFrame:
+        """Rows of `df` passing every filter (a bad regex raises ValueError naming it)."""
+        keep = pd.Series(True, index=df.index)
+        if self.domains and "domain" in df:
+            keep &= df["domain"].isin(self.domains)
+        if self.tasks and "task" in df:
+            keep &= df["task"].isin(self.tasks)
+        if self.reward_range is not None:
+            lo, hi = self.reward_range
+            keep &= df["reward"].between(lo, hi)
+        if self.advantage_signs:
+            keep &= advantage_sign(df["advantage"]).isin(self.advantage_signs)
+        if self.min_probe_error > 0:
+            err = (df[target] - df["probe_pred"]).abs()
+            keep &= err >= self.min_probe_error
+        if self.truncated_only and "truncated" in df:
+            keep &= df["truncated"].astype(bool)
+        if self.text:
+            pattern = self.text if self.regex else re.escape(self.text)
+            try:
+                rx = re.compile(pattern, re.IGNORECASE)
+            except re.error as err:
+                raise ValueError(f"invalid regular expression {self.text!r}: {err}") from err
+            hit = pd.Series(False, index=df.index)
+            for col in ("completion", "prompt", "ground_truth", "prompt_id"):
+                if col in df:
+                    hit |= df[col].astype(str).str.contains(rx, na=False)
+            keep &= hit
+        return df[keep]
+
+
+SORTS = {
+    "worst probe miss first": ("_probe_err", False),
+    "reward (high first)": ("reward", False),
+    "reward (low first)": ("reward", True),
+    "advantage (high first)": ("advantage", False),
+    "advantage (low first)": ("advantage", True),
+    "|advantage| (large first)": ("_abs_adv", False),
+    "length (long first)": ("num_tokens", False),
+    "step, group": (None, True),
+}
+
+
+def sort_rollouts(df: pd.DataFrame, how: str) -> pd.DataFrame:
+    """Sort by one of SORTS (NaNs last), ties by step, group and rollout index."""
+    col, ascending = SORTS[how]
+    base = [c for c in ("step", "group_id", "rollout_idx") if c in df]
+    if col is None:
+        return df.sort_values(base, kind="stable")
+    return df.sort_values([col] + base, ascending=[ascending] + [True] * len(base),
+                          na_position="last", kind="stable")

@@ -1,0 +1,495 @@
+"""Reading runs and probe studies for the dashboard, through `poise_probe.rundir` only.
+
+- Metrics are tailed: `MetricsTail` keeps a `RunReader` whose `new_metrics()` reads only the
+  bytes appended since the last refresh; a rewrite (resume truncation) starts over.
+- Rollout tables, eval reports and study files are cached by file identity (path, mtime, size):
+  a committed file is renamed into place whole, so a changed file has a new identity and an
+  unchanged one is never read twice.
+- Nothing here raises on a half-written or missing file: callers get warnings to show inline.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import streamlit as st
+
+from poise_dash.analysis import (
+    calibration_summary,
+    numeric_frame,
+    per_step,
+    target_column,
+)
+from poise_probe.rundir import RunReader, find_runs, step_name
+
+logger = logging.getLogger(__name__)
+
+STATUS_ICONS = {"running": "🟢", "finished": "✅", "failed": "❌", "crashed": "💥",
+                "unreadable": "⚠️"}
+
+#: Columns the Probe page and the rollout filters need: everything but text and entropies.
+LIGHT_COLUMNS = ("step", "prompt_id", "group_id", "domain", "data_source", "task", "rollout_idx",
+                 "reward", "score", "probe_pred", "baseline", "advantage", "num_tokens",
+                 "truncated")
+TEXT_COLUMNS = ("prompt", "completion", "ground_truth")
+STUDY_KIND = "poise-probe-study"
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """A run directory (absolute path) and the label the pages show for it."""
+
+    path: str
+    label: str
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(mtime_ns, size) of a file, or None when it is missing."""
+    try:
+        st_ = os.stat(path)
+    except OSError:
+        return None
+    return st_.st_mtime_ns, st_.st_size
+
+
+# --------------------------------------------------------------------------------------------
+# discovery
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def discover_runs(roots: tuple[str, ...]) -> tuple[list[RunRef], list[str]]:
+    """Every run under `roots` with a unique label, plus warnings for roots that do not exist."""
+    warnings, found = [], []
+    for root in roots:
+        try:
+            runs = find_runs(root)
+        except FileNotFoundError as err:
+            warnings.append(str(err))
+            continue
+        base = Path(root).resolve()
+        for run in runs:
+            run = run.resolve()
+            if run == base:
+                label = base.name
+            else:
+                rel = str(run.relative_to(base))
+                label = rel if len(roots) == 1 else f"{base.name}/{rel}"
+            found.append(RunRef(str(run), label))
+    unique: dict[str, RunRef] = {}
+    for ref in found:
+        unique.setdefault(ref.path, ref)
+    return sorted(unique.values(), key=lambda r: r.label), warnings
+
+
+@st.cache_data(ttl=10, show_spinner=False)
+def discover_studies(roots: tuple[str, ...]) -> list[str]:
+    """Folders under `roots` holding a study.json of kind poise-probe-study, sorted."""
+    out = []
+    skip_in_run = {"rollouts", "probes", "checkpoints", "eval"}
+    for root in roots:
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            if "study.json" in filenames:
+                try:
+                    kind = json.loads(Path(dirpath, "study.json").read_text()).get("kind")
+                except (OSError, ValueError, AttributeError):
+                    kind = None
+                if kind == STUDY_KIND:
+                    out.append(str(Path(dirpath).resolve()))
+                    dirnames.clear()
+                    continue
+            in_run = "meta.json" in filenames
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                                 and not (in_run and d in skip_in_run))
+    return sorted(set(out))
+
+
+# --------------------------------------------------------------------------------------------
+# one run: summary and live metrics
+
+
+class MetricsTail:
+    """The metrics of one run, read incrementally (only appended bytes are read on refresh)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.reader = RunReader(path)
+        self.records: list[dict] = []
+        self._frame: pd.DataFrame | None = None
+        self._steps: pd.DataFrame | None = None
+        self.last_new = 0           # records the last refresh added
+        self.refreshes = 0
+        self.restarts = 0
+        self.warnings: list[str] = []
+
+    def refresh(self) -> int:
+        """Read what was appended since the last call; returns how many records were new."""
+        self.warnings = []
+        metrics = Path(self.path, "metrics.jsonl")
+        try:
+            new = self.reader.new_metrics(errors="skip")
+        except (OSError, ValueError) as err:  # e.g. a folder deleted under us
+            self.warnings.append(f"could not read {metrics}: {err}")
+            new = []
+        if self.reader.metrics_restarted:
+            self.records, self._frame, self._steps = [], None, None
+            self.restarts += 1
+        if new:
+            self.records.extend(new)
+            self._frame, self._steps = None, None
+        self.last_new = len(new)
+        self.refreshes += 1
+        ident = file_identity(metrics)
+        if ident is None:
+            self.warnings.append("metrics.jsonl does not exist yet: no step has been logged.")
+        elif ident[1] > 0 and _last_byte(metrics) != b"\n":
+            self.warnings.append("metrics.jsonl ends in an incomplete line (a write in progress "
+                                 "or a torn write); it is ignored until it is complete.")
+        return len(new)
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """One row per metrics line."""
+        if self._frame is None:
+            self._frame = numeric_frame(self.records)
+        return self._frame
+
+    @property
+    def steps(self) -> pd.DataFrame:
+        """One row per step with x-axis columns (see analysis.per_step)."""
+        if self._steps is None:
+            self._steps = per_step(self.frame)
+        return self._steps
+
+
+def _last_byte(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1)
+    except OSError:
+        return b""
+
+
+def tails() -> dict[str, MetricsTail]:
+    """This browser session's metric tails, by run path."""
+    return st.session_state.setdefault("_poise_tails", {})
+
+
+def tail(path: str) -> MetricsTail:
+    """The refreshed tail of a run (created on first use)."""
+    store = tails()
+    t = store.get(path)
+    if t is None:
+        t = store[path] = MetricsTail(path)
+    t.refresh()
+    return t
+
+
+@dataclass
+class RunSummary:
+    """What the Runs page shows for one run."""
+
+    ref: RunRef
+    status: str = "unreadable"
+    algorithm: str = ""
+    model: str = ""
+    device: str = ""
+    last_step: int | None = None
+    created: str = ""
+    updated: str = ""
+    error: str | None = None
+    best_acc: float | None = None
+    best_step: int | None = None
+    last_acc: float | None = None
+    last_reward: float | None = None
+    lines: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def summarise(ref: RunRef, stale_after: float | None = None) -> RunSummary:
+    """Status, meta and headline numbers of a run; an unreadable run says why, never raises."""
+    from poise_dash.analysis import best_eval
+
+    s = RunSummary(ref)
+    try:
+        t = tail(ref.path)
+        meta = t.reader.meta
+    except (OSError, ValueError) as err:
+        s.error = str(err)
+        return s
+    s.algorithm, s.model = str(meta.get("algorithm", "")), str(meta.get("model", ""))
+    s.device, s.created = str(meta.get("device", "")), str(meta.get("created", ""))
+    s.status = t.reader.inferred_status(stale_after=stale_after)
+    try:
+        status = t.reader.status
+        s.last_step, s.updated = status.get("last_step"), str(status.get("updated", ""))
+        s.error = status.get("error")
+    except (OSError, ValueError) as err:
+        s.warnings.append(f"status.json: {err}")
+    steps = t.steps
+    s.lines = len(t.records)
+    s.warnings.extend(t.warnings)
+    best = best_eval(steps)
+    if best is not None:
+        s.best_acc, s.best_step = best
+        acc = pd.to_numeric(steps["eval/accuracy"], errors="coerce").dropna()
+        s.last_acc = float(acc.iloc[-1])
+    if "reward/mean" in steps:
+        r = pd.to_numeric(steps["reward/mean"], errors="coerce").dropna()
+        s.last_reward = float(r.iloc[-1]) if len(r) else None
+    if s.last_step is None and len(steps):
+        s.last_step = int(steps["step"].max())
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# rollouts (cached per file identity)
+
+
+def rollout_files(run: str) -> list[tuple[int, tuple[int, int]]]:
+    """(step, (mtime_ns, size)) of each committed rollout table, ascending."""
+    try:
+        steps = _rollout_steps(run)
+    except (OSError, ValueError):
+        return []
+    out = []
+    for step in steps:
+        ident = file_identity(Path(run, "rollouts", f"{step_name(step)}.parquet"))
+        if ident is not None:
+            out.append((step, ident))
+    return out
+
+
+def _rollout_steps(run: str) -> list[int]:
+    # RunReader validates meta.json on construction; the tails already hold one per run.
+    t = tails().get(run)
+    reader = t.reader if t is not None else RunReader(run)
+    return reader.rollout_steps()
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def read_rollout_step(run: str, step: int, ident: tuple[int, int],
+                      columns: tuple[str, ...] | None) -> pd.DataFrame:
+    """One step's rollouts (the columns of `columns` it has; all when None)."""
+    del ident  # part of the cache key only
+    path = Path(run, "rollouts", f"{step_name(step)}.parquet")
+    if columns is not None:
+        try:
+            names = set(pq.read_schema(path).names)
+        except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...
+            raise ValueError(f"{path}: cannot read parquet ({err})") from err
+        columns = tuple(c for c in columns if c in names)
+    return RunReader(run).rollouts(step, columns=list(columns) if columns is not None else None)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def read_rollout_steps(run: str, files: tuple[tuple[int, tuple[int, int]], ...],
+                       columns: tuple[str, ...]) -> pd.DataFrame:
+    """Several steps' rollouts concatenated (a step lacking a column gets NaN there)."""
+    frames = [read_rollout_step(run, step, ident, columns) for step, ident in files]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame(columns=list(columns))
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_rollouts(run: str, steps: list[int] | None = None,
+                  columns: tuple[str, ...] = LIGHT_COLUMNS) -> tuple[pd.DataFrame, list[str]]:
+    """Rollouts of `steps` (all when None) and warnings for tables that could not be read."""
+    files = rollout_files(run)
+    if steps is not None:
+        wanted = set(steps)
+        files = [f for f in files if f[0] in wanted]
+    try:
+        return read_rollout_steps(run, tuple(files), tuple(columns)), []
+    except (OSError, ValueError, KeyError):
+        pass
+    # one table is bad: read the others, name the bad one
+    frames, warnings = [], []
+    for step, ident in files:
+        try:
+            frames.append(read_rollout_step(run, step, ident, tuple(columns)))
+        except (OSError, ValueError, KeyError) as err:
+            warnings.append(f"rollouts of step {step} could not be read: {err}")
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns))
+    return df, warnings
+
+
+@st.cache_resource(max_entries=64, show_spinner=False)
+def _calibration_memo(run: str, n_bins: int) -> dict[int, tuple[tuple[int, int], dict]]:
+    """{step: (file identity, summary)} of a run, shared by sessions, filled as steps appear."""
+    return {}
+
+
+def calibration_history(run: str, n_bins: int = 10) -> tuple[pd.DataFrame, list[str]]:
+    """Per-step calibration of the probe's predictions over every rollout table of a run.
+
+    Only tables not seen before (or rewritten since) are read, all in one pass, so a live run
+    costs one table per new step.
+    """
+    memo = _calibration_memo(run, n_bins)
+    files = rollout_files(run)
+    ident_of = dict(files)
+    missing = [s for s, ident in files if memo.get(s, (None, None))[0] != ident]
+    warnings: list[str] = []
+    if missing:
+        frame, warnings = _read_steps(run, missing, ["step", "reward", "score", "probe_pred"])
+        for step, g in frame.groupby("step") if len(frame) else []:
+            step = int(step)
+            target = target_column(g)
+            memo[step] = (ident_of[step], {"step": step, **calibration_summary(
+                g["probe_pred"].to_numpy(float), g[target].to_numpy(float), n_bins)})
+    rows = [memo[s][1] for s, ident in files if s in memo and memo[s][0] == ident]
+    return pd.DataFrame(rows), warnings
+
+
+def _read_steps(run: str, steps: list[int], columns: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Several steps' tables in one RunReader pass; on a bad table, the others and a warning."""
+    reader = RunReader(run)
+    for cols in (columns, [c for c in columns if c != "score"]):
+        try:
+            return reader.all_rollouts(steps=steps, columns=cols), []
+        except KeyError:
+            continue          # no table has `score`: read without it
+        except (OSError, ValueError):
+            break
+    frames, warnings = [], []
+    for step in steps:
+        try:
+            frames.append(reader.all_rollouts(steps=[step], columns=[
+                c for c in columns if c != "score"]))
+        except (OSError, ValueError, KeyError) as err:
+            warnings.append(f"step {step}: {err}")
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns),
+            warnings)
+
+
+# --------------------------------------------------------------------------------------------
+# eval reports
+
+
+@st.cache_data(max_entries=1024, show_spinner=False)
+def _eval_report(run: str, step: int, ident: tuple[int, int]) -> dict:
+    del ident
+    return RunReader(run).eval_report(step)
+
+
+def eval_reports(run: str) -> dict[int, dict]:
+    """{step: report} of every eval/step_XXXXXX.json (unreadable ones skipped)."""
+    out = {}
+    try:
+        steps = RunReader(run).eval_steps()
+    except (OSError, ValueError):
+        return out
+    for step in steps:
+        ident = file_identity(Path(run, "eval", f"{step_name(step)}.json"))
+        if ident is None:
+            continue
+        try:
+            out[step] = _eval_report(run, step, ident)
+        except (OSError, ValueError) as err:
+            logger.warning("skipping eval report of step %s in %s: %s", step, run, err)
+    return out
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def run_config(run: str, ident: tuple[int, int] | None) -> dict:
+    """config.yaml of a run ({} when missing)."""
+    del ident
+    try:
+        return RunReader(run).config
+    except FileNotFoundError:
+        return {}
+
+
+def config_of(run: str) -> dict:
+    return run_config(run, file_identity(Path(run, "config.yaml")))
+
+
+# --------------------------------------------------------------------------------------------
+# probe studies
+
+
+@dataclass
+class StudyItem:
+    """One table or figure of a study analysis; `files` maps extension -> path."""
+
+    name: str
+    files: dict[str, str]
+
+    @property
+    def kind(self) -> str:
+        if "json" in self.files:
+            return "figure"
+        if "parquet" in self.files or "csv" in self.files:
+            return "table"
+        if "png" in self.files or "svg" in self.files:
+            return "image"
+        if "html" in self.files:
+            return "html"
+        return "other"
+
+
+KNOWN_ANALYSES = ("sweep", "ablation", "calibration", "transfer", "drift")
+
+
+def study_sections(study: str) -> dict[str, list[StudyItem]]:
+    """{analysis: items} of a study directory; files at its top level form "overview"."""
+    root = Path(study)
+    sections: dict[str, list[StudyItem]] = {}
+    folders = [("overview", root)] + sorted(
+        ((p.name, p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda kv: (KNOWN_ANALYSES.index(kv[0]) if kv[0] in KNOWN_ANALYSES
+                        else len(KNOWN_ANALYSES), kv[0]))
+    for name, folder in folders:
+        by_stem: dict[str, dict[str, str]] = {}
+        for f in sorted(folder.iterdir()):
+            if not f.is_file() or f.name.startswith(".") or f.name == "study.json":
+                continue
+            stem, _, ext = f.name.partition(".")
+            by_stem.setdefault(stem, {})[ext.lower()] = str(f)
+        items = [StudyItem(stem, files) for stem, files in sorted(by_stem.items())]
+        # a figure's data table has its own stem; a table beside a figure of the same stem
+        # is split off so both show
+        out: list[StudyItem] = []
+        for item in items:
+            if item.kind == "figure" and ({"parquet", "csv"} & set(item.files)):
+                out.append(StudyItem(item.name, {k: v for k, v in item.files.items()
+                                                 if k not in ("parquet", "csv")}))
+                out.append(StudyItem(item.name, {k: v for k, v in item.files.items()
+                                                 if k in ("parquet", "csv")}))
+            else:
+                out.append(item)
+        if out:
+            sections[name] = out
+    return sections
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def read_table(path: str, ident: tuple[int, int] | None) -> pd.DataFrame:
+    del ident
+    if path.endswith(".parquet"):
+        return pd.read_parquet(path)
+    return pd.read_csv(path)
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def read_text(path: str, ident: tuple[int, int] | None) -> str:
+    del ident
+    return Path(path).read_text(encoding="utf-8")
+
+
+def study_meta(study: str) -> dict:
+    try:
+        meta = json.loads(read_text(str(Path(study, "study.json")),
+                                    file_identity(Path(study, "study.json"))))
+        return meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError):
+        return {}

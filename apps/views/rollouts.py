@@ -1,0 +1,247 @@
+"""Rollouts: browse and filter every rollout; the rollouts of one prompt side by side, their text
+coloured by per-token entropy with the think and answer spans marked."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+from poise_dash import analysis, data, figures, tokens, ui
+
+st.title("Rollouts")
+refs = ui.require_selection()
+ui.own_query("focus", "steps", "q", "domain", "adv", "err", "group")
+ref = ui.focus_run(refs, key="ro_run", reset=("ro_steps", "_ro_steps_latest", "ro_group",
+                                              "ro_domains", "ro_reward", "_ro_last_rows"))
+
+MAX_TABLE_ROWS = 5000
+SHOWN = ["step", "group_id", "rollout_idx", "domain", "task", "reward", "probe_pred", "baseline",
+         "advantage", "probe error", "num_tokens", "truncated", "completion"]
+SIGNS = ["positive", "zero", "negative"]
+
+
+def _steps_param(v: str) -> tuple[int, int]:
+    a, _, b = v.partition("-")
+    return int(a), int(b or a)
+
+
+def _group_param(v: str) -> tuple[int, int]:
+    a, _, b = v.partition(":")
+    return int(a), int(b)
+
+
+def body() -> None:
+    files = data.rollout_files(ref.path)
+    if not files:
+        st.info(f"{ref.label} has no rollout table yet (rollouts/step_XXXXXX.parquet).")
+        return
+    steps = [s for s, _ in files]
+    ui.query_default("ro_steps", "steps", _steps_param)
+    ui.query_default("ro_q", "q", str)
+    ui.query_default("ro_domains", "domain", lambda v: v.split(","))
+    ui.query_default("ro_signs", "adv", lambda v: v.split(","),
+                     lambda v: set(v) <= set(SIGNS))
+    ui.query_default("ro_minerr", "err", float, lambda v: 0.0 <= v <= 1.0)
+
+    c1, c2, c3, c4 = st.columns([3, 2, 2, 2])
+    window = ui.step_window(c1, "steps", steps, "ro_steps", default_width=1)
+    in_window = [s for s in steps if window[0] <= s <= window[1]]
+    df, warnings = data.load_rollouts(ref.path, in_window,
+                                      data.LIGHT_COLUMNS + data.TEXT_COLUMNS)
+    ui.show_warnings(warnings)
+    if df.empty:
+        st.info("No rollout in this step window.")
+        return
+    target = analysis.target_column(df)
+    df = df.assign(_probe_err=(df[target] - df["probe_pred"]).abs(),
+                   _abs_adv=df["advantage"].abs())
+
+    domains = sorted(df["domain"].dropna().unique())
+    st.session_state["ro_domains"] = [d for d in st.session_state.get("ro_domains", [])
+                                      if d in domains]
+    dom = c2.multiselect("domain", domains, key="ro_domains", placeholder="all")
+    signs = c3.pills("advantage sign", SIGNS, selection_mode="multi", key="ro_signs")
+    sort = c4.selectbox("sort by", list(analysis.SORTS), key="ro_sort")
+
+    c1, c2, c3, c4 = st.columns([3, 2, 3, 1.4])
+    rmin, rmax = float(np.nanmin(df["reward"])), float(np.nanmax(df["reward"]))
+    reward_range = None
+    if rmax > rmin:
+        kept = st.session_state.get("ro_reward")
+        if kept is not None:  # the range of another window or of a live run's new steps
+            lo, hi = max(rmin, min(kept[0], rmax)), min(rmax, max(kept[1], rmin))
+            st.session_state["ro_reward"] = (lo, hi) if lo <= hi else (rmin, rmax)
+        reward_range = c1.slider("reward", rmin, rmax, key="ro_reward",
+                                 **ui.default("ro_reward", (rmin, rmax)))
+    else:
+        c1.caption(f"every reward is {rmin:g}")
+    min_err = c2.slider(f"|{target} − probe| ≥", 0.0, 1.0, step=0.05, key="ro_minerr",
+                        **ui.default("ro_minerr", 0.0),
+                        help="probe error: how far the probe's prediction is from the outcome")
+    text = c3.text_input("search prompt, completion, answer", key="ro_q",
+                         placeholder="free text (case-insensitive)")
+    regex = c4.toggle("regex", key="ro_regex")
+    truncated_only = c4.toggle("truncated", key="ro_trunc")
+
+    filt = analysis.RolloutFilter(domains=dom, advantage_signs=list(signs or []),
+                                  reward_range=reward_range, min_probe_error=min_err,
+                                  text=text, regex=regex, truncated_only=truncated_only)
+    try:
+        view = filt.apply(df, target)
+    except ValueError as err:
+        st.warning(str(err))
+        view = df.iloc[0:0]
+    view = analysis.sort_rollouts(view, sort)
+    ui.set_query(focus=ref.label, steps=f"{window[0]}-{window[1]}", q=text or None,
+                 domain=",".join(dom) or None, adv=",".join(signs or []) or None,
+                 err=f"{min_err:g}" if min_err else None)
+
+    export = view.drop(columns=["_probe_err", "_abs_adv"]).assign(
+        probe_error=view["_probe_err"])
+    h1, h2, h3 = st.columns([4, 1, 1])
+    h1.caption(f"**{len(view):,}** of {len(df):,} rollouts in steps {window[0]}–{window[1]} "
+               f"match" + (f" (the table shows the first {MAX_TABLE_ROWS:,}; the export has "
+                           f"all)" if len(view) > MAX_TABLE_ROWS else ""))
+    stem = f"{ref.label.replace('/', '_')}_steps{window[0]}-{window[1]}"
+    h2.download_button("CSV", lambda: export.to_csv(index=False).encode(),
+                       file_name=f"{stem}.csv", mime="text/csv", key="ro_csv",
+                       icon=":material/download:", on_click="ignore")
+    h3.download_button("JSONL", lambda: export.to_json(orient="records", lines=True).encode(),
+                       file_name=f"{stem}.jsonl", mime="application/jsonl", key="ro_jsonl",
+                       icon=":material/download:", on_click="ignore")
+
+    table = view.head(MAX_TABLE_ROWS).rename(columns={"_probe_err": "probe error"})
+    table = table[[c for c in SHOWN if c in table]].copy()
+    table["completion"] = table["completion"].str.slice(0, 160)
+    event = st.dataframe(
+        table, key="ro_table", hide_index=True, on_select="rerun", selection_mode="single-row",
+        width="stretch", height=320,
+        column_config={c: st.column_config.NumberColumn(format="%.3f")
+                       for c in ("reward", "probe_pred", "baseline", "advantage",
+                                 "probe error")})
+    st.caption("Select a row to open its prompt's rollouts below.")
+    _group_view(view, event, target)
+
+
+def _group_view(view: pd.DataFrame, event, target: str) -> None:
+    groups = list(dict.fromkeys(zip(view["step"].astype(int), view["group_id"].astype(int))))
+    if not groups:
+        return
+    rows = [i for i in (event.selection.rows if event else []) if i < len(view)]
+    picked_row = tuple(rows)
+    if rows and st.session_state.get("_ro_last_rows") != picked_row:
+        r = view.iloc[rows[0]]
+        st.session_state["ro_group"] = (int(r["step"]), int(r["group_id"]))
+    st.session_state["_ro_last_rows"] = picked_row
+    ui.query_default("ro_group", "group", _group_param)
+    if st.session_state.get("ro_group") not in groups:
+        st.session_state["ro_group"] = groups[0]
+
+    st.subheader("Rollouts of one prompt")
+    st.session_state["_ro_groups"] = groups
+    c_sel, c_prev, c_next = st.columns([6, 1, 1], vertical_alignment="bottom")
+    i = groups.index(st.session_state["ro_group"])
+    c_prev.button("◀ prev", key="ro_prev", disabled=i == 0, width="stretch",
+                  on_click=_move_group, args=(-1,))
+    c_next.button("next ▶", key="ro_next", disabled=i == len(groups) - 1, width="stretch",
+                  on_click=_move_group, args=(1,))
+    by_group = view.groupby(["step", "group_id"])
+    first = by_group.first()
+    rewards = by_group["reward"].agg(lambda r: " / ".join(f"{x:g}" for x in r))
+
+    def label(g: tuple[int, int]) -> str:
+        row = first.loc[g]
+        return (f"step {g[0]} · group {g[1]} · {row['domain']} · {row.get('task', '')} · "
+                f"rewards {rewards.loc[g]}")
+
+    step, gid = c_sel.selectbox(f"prompt ({len(groups)} matching)", groups, key="ro_group",
+                                format_func=label)
+    ui.set_query(group=f"{step}:{gid}")
+    ident = dict(data.rollout_files(ref.path)).get(step)
+    if ident is None:
+        st.warning(f"the rollout table of step {step} is gone")
+        return
+    full = data.read_rollout_step(ref.path, step, ident, None)
+    g = full[full["group_id"] == gid].sort_values("rollout_idx")
+    if g.empty:
+        st.warning(f"group {gid} is not in step {step}")
+        return
+    head = g.iloc[0]
+    st.code(head["prompt"], language=None, wrap_lines=True)
+    facts = [f"prompt id `{head['prompt_id']}`", f"domain **{head['domain']}**",
+             f"source `{head['data_source']}`"]
+    if "ground_truth" in g:
+        gt = str(head["ground_truth"])
+        facts.append(f"reference answer `{gt[:200]}`" + ("…" if len(gt) > 200 else ""))
+    st.markdown(" · ".join(facts))
+
+    ents = [np.asarray(e if e is not None else [], float) for e in g["token_entropies"]]
+    allv = np.concatenate([e for e in ents if len(e)]) if any(len(e) for e in ents) else [1.0]
+    auto = float(max(0.1, np.nanpercentile(allv, 98)))
+    c1, c2 = st.columns([3, 1])
+    vmax = c1.slider("entropy colour scale: full colour at (nats)", 0.1,
+                     float(max(auto, 5.0)), round(auto, 2), 0.05, key="ro_vmax")
+    show_tags = c2.toggle("show tags", value=True, key="ro_tags")
+    st.html(tokens.legend_html(vmax))
+    per_row = min(len(g), 4)
+    rows_of = [g.iloc[i:i + per_row] for i in range(0, len(g), per_row)]
+    k = len(g)
+    for chunk in rows_of:
+        cols = st.columns(per_row)
+        for col, (_, r) in zip(cols, chunk.iterrows()):
+            with col:
+                _rollout_card(r, k, target, vmax, show_tags)
+
+
+def _move_group(delta: int) -> None:
+    """Previous/next prompt (a callback, so the buttons are drawn with the new position)."""
+    groups = st.session_state.get("_ro_groups", [])
+    current = st.session_state.get("ro_group")
+    if current in groups:
+        j = groups.index(current) + delta
+        if 0 <= j < len(groups):
+            st.session_state["ro_group"] = groups[j]
+
+
+def _fmt(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
+
+
+def _rollout_card(r: pd.Series, k: int, target: str, vmax: float, show_tags: bool) -> None:
+    idx = int(r["rollout_idx"])
+    adv, reward, base = float(r["advantage"]), float(r["reward"]), float(r["baseline"])
+    tone = "🟩" if adv > analysis.ZERO_ADVANTAGE else "🟥" if adv < -analysis.ZERO_ADVANTAGE \
+        else "⬜"
+    st.markdown(f"**{tone} rollout {idx}** · {int(r['num_tokens'])} tokens"
+                + (" · ✂️ truncated" if bool(r["truncated"]) else ""))
+    m = st.columns(4)
+    m[0].metric("reward", _fmt(reward),
+                help=f"verifier score {_fmt(float(r['score']))}" if "score" in r else None)
+    m[1].metric("probe pred", _fmt(float(r["probe_pred"])),
+                help="the probe's predicted expected reward from this rollout's own features")
+    m[2].metric("baseline", _fmt(base),
+                help=("the baseline this rollout received: for POISE the mean of its "
+                      f"{'sibling' if k == 2 else str(k - 1) + ' siblings'}' probe "
+                      "predictions; for GRPO/RLOO the (leave-one-out) group mean"))
+    m[3].metric("advantage", _fmt(adv))
+    if np.isfinite(adv) and np.isfinite(base) and abs(adv - (reward - base)) > 1e-5:
+        st.caption(f"A ≠ r − b ({reward - base:+.3f}): the estimator rescales advantages")
+    al = tokens.align(str(r["completion"]), r["token_entropies"],
+                      r["token_ids"] if "token_ids" in r else None)
+    if al.coloured:
+        st.html(tokens.render_html(al, vmax, show_tags=show_tags))
+    else:
+        st.code(str(r["completion"]), language=None, wrap_lines=True)
+    st.caption(al.describe())
+    if len(al.entropies):
+        fig = figures.entropy_strip(al.entropies, al.spans if al.coloured else [], vmax,
+                                    f"entropy per token · rollout {idx}",
+                                    al.pieces if al.coloured else None)
+        ui.chart(st, fig, key=f"ro_strip_{r['step']}_{r['group_id']}_{idx}")
+    with st.expander("raw row"):
+        st.json(json.loads(pd.Series({k: v for k, v in r.items() if k != "token_entropies"})
+                           .to_json(default_handler=str)), expanded=False)
+
+
+ui.live(body, [ref.path])

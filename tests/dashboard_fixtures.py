@@ -1,0 +1,515 @@
+"""Fixture run directories for the dashboard tests, made by real (tiny) training runs.
+
+`build_fixture_runs(root, model_dir)` trains, once per process, on the project's random 2-layer
+test model (the `tiny_model_dir` fixture):
+
+- `poise`: a finished POISE run (two domains, probe fitted from step 2, eval at start and end);
+- `grpo`: a finished GRPO run (to compare with and to diff configs against);
+- `crashed`: a POISE run whose process was SIGKILLed after its second step;
+- `torn`: a copy of `poise` whose metrics.jsonl ends in a half-written line;
+- `studies/layer_study`: a probe-study directory with real Plotly figures and tables.
+
+Run as a script, it trains one run (used for the SIGKILLed subprocess), or screenshots every
+page of the dashboard (docs/img):
+    python tests/dashboard_fixtures.py train OUT MODEL_DIR STEPS
+    python tests/dashboard_fixtures.py screenshots OUT_DIR RUN_DIR [MORE_PATHS ...]
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "apps" / "dashboard.py"
+TINY_RECIPE = REPO / "training" / "configs" / "poise_tiny.yaml"
+
+_BUILT: dict[str, dict[str, Path]] = {}
+
+
+def _register_tasks() -> None:
+    """Two parity tasks (math, logic): a random model earns reward half the time, so groups mix."""
+    from poise_probe.tasks import TASKS, register_task
+    from poise_probe.tasks.builtin import ArithTask, BooleanTask
+
+    class DashParityMath(ArithTask):
+        name = "dash_parity_math"
+
+        def score(self, completion, example):
+            return float(len(completion) % 2 == 0)
+
+    class DashParityLogic(BooleanTask):
+        name = "dash_parity_logic"
+
+        def score(self, completion, example):
+            return float(len(completion) % 2 == 1)
+
+    for cls in (DashParityMath, DashParityLogic):
+        if cls.name not in TASKS:
+            register_task(cls.name)(cls)
+
+
+def tiny_overrides(model_dir: Path, steps: int, **extra) -> list[str]:
+    """Overrides of training/configs/poise_tiny.yaml that make a run take seconds on a CPU."""
+    base = {
+        "model.path": str(model_dir), "data.tasks": "[dash_parity_math, dash_parity_logic]",
+        "data.pool_size": 32, "data.eval_n": 3, "data.eval_samples": 2, "data.eval_every": 0,
+        "rollout.prompts_per_step": 4, "rollout.num_generations": 2,
+        "rollout.max_completion_length": 24, "optim.lr": 1e-3, "optim.warmup_steps": 0,
+        "optim.mini_batch_prompts": 4, "optim.micro_batch_size": 8, "probe.layer": 0,
+        "probe.bootstrap_steps": 1, "probe.min_steps_to_fit": 1, "probe.snapshot_every": 1,
+        "probe.buffer_caps": "{all: 64}", "trainer.total_steps": steps, "trainer.save_every": 100,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def train_run(out: Path, model_dir: Path, steps: int, **extra) -> Path:
+    from poise_probe.config import load_config
+    from poise_probe.trainer import train
+
+    _register_tasks()
+    cfg = load_config(TINY_RECIPE, tiny_overrides(model_dir, steps, **extra))
+    return train(cfg, out)
+
+
+def tear_last_line(run_dir: Path, text: str = '{"step": 99, "reward/mean": 0.') -> None:
+    """Append a half-written metrics line (no newline), as a writer caught mid-write leaves."""
+    with open(run_dir / "metrics.jsonl", "ab") as f:
+        f.write(text.encode())
+
+
+def mark_running(run_dir: Path, pid: int | None = None) -> None:
+    """Rewrite status.json as if `pid` (default: this process, alive) were writing the run."""
+    path = run_dir / "status.json"
+    status = json.loads(path.read_text())
+    import datetime as dt
+
+    status.update(status="running", pid=pid or os.getpid(), hostname=socket.gethostname(),
+                  started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"))
+    path.write_text(json.dumps(status))
+
+
+def append_metrics_step(run_dir: Path, step: int, **values) -> None:
+    """Append one complete metrics line, the way RunWriter.log_metrics does (one write)."""
+    record = {"step": step, **values, "time": time.time()}
+    with open(run_dir / "metrics.jsonl", "ab") as f:
+        f.write((json.dumps(record) + "\n").encode())
+
+
+def make_study_dir(folder: Path) -> Path:
+    """A probe-study directory: study.json plus analyses with tables and Plotly figures."""
+    import plotly.express as px
+    import plotly.graph_objects as go
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "study.json").write_text(json.dumps({
+        "kind": "poise-probe-study", "version": 1, "model": "tiny-random",
+        "created": "2026-11-23T12:00:00+00:00", "analyses": ["sweep", "ablation", "calibration",
+                                                             "transfer"]}))
+    rng = np.random.default_rng(0)
+
+    def save(sub: str, name: str, table: pd.DataFrame | None = None, fig=None) -> None:
+        d = folder / sub
+        d.mkdir(exist_ok=True)
+        if table is not None:
+            table.to_parquet(d / f"{name}.parquet", index=False)
+            table.to_csv(d / f"{name}.csv", index=False)
+        if fig is not None:
+            (d / f"{name}.json").write_text(fig.to_json())
+            fig.write_html(d / f"{name}.html", include_plotlyjs="cdn")
+
+    layers, positions = [0, 1, 2, 3], ["last_prompt", "mean_response", "last_response"]
+    sweep = pd.DataFrame([{"layer": la, "position": p, "ev": float(rng.uniform(0, .4)),
+                           "mae": float(rng.uniform(.2, .4))} for la in layers for p in positions])
+    heat = go.Figure(go.Heatmap(z=sweep.pivot(index="position", columns="layer",
+                                              values="ev").values,
+                                x=layers, y=positions, colorscale="Viridis"))
+    heat.update_layout(title="explained variance by layer and position")
+    save("sweep", "layer_sweep", sweep, heat)
+    ablation = pd.DataFrame({"features": ["hidden", "entropy", "both"],
+                             "ev": [0.21, 0.08, 0.26], "ev_ci": [0.03, 0.02, 0.03]})
+    save("ablation", "input_ablation", ablation,
+         px.bar(ablation, x="features", y="ev", error_y="ev_ci", title="input ablation"))
+    bins = pd.DataFrame({"pred": np.linspace(.05, .95, 10),
+                         "observed": np.clip(np.linspace(.05, .95, 10)
+                                             + rng.normal(0, .05, 10), 0, 1)})
+    save("calibration", "reliability", bins,
+         px.line(bins, x="pred", y="observed", markers=True, title="reliability"))
+    save("calibration", "summary", pd.DataFrame({"metric": ["ece", "brier_skill"],
+                                                 "value": [0.04, 0.18]}))
+    domains = ["math", "logic", "code"]
+    matrix = rng.uniform(-.1, .4, (3, 3))
+    tr = go.Figure(go.Heatmap(z=matrix, x=domains, y=domains, colorscale="RdBu", zmid=0))
+    tr.update_layout(title="transfer: train domain (rows) -> test domain (columns)")
+    save("transfer", "transfer_matrix",
+         pd.DataFrame(matrix, index=domains, columns=domains).reset_index(names="train"), tr)
+    return folder
+
+
+def build_fixture_runs(root: Path, model_dir: Path) -> dict[str, Path]:
+    """Train the fixture runs under `root` (once per process; later calls return the same)."""
+    import torch
+
+    key = str(model_dir)
+    if key in _BUILT:
+        return _BUILT[key]
+    root.mkdir(parents=True, exist_ok=True)
+    runs = root / "runs"
+    crashed = runs / "crashed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The run to be killed trains in its own process while this one trains the others.
+    log = root / "crashed-run.log"      # a file, not a pipe: a full pipe would stall the run
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, __file__, "train", str(crashed),
+                                 str(model_dir), "200"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=log_file)
+    killed: list[str] = []
+
+    def kill_after_step_2() -> None:
+        deadline = time.time() + 300
+        while not (crashed / "rollouts" / "step_000002.parquet").exists():
+            if proc.poll() is not None:
+                killed.append("the run to be killed ended early: "
+                              + log.read_text(errors="replace")[-2000:])
+                return
+            if time.time() > deadline:
+                killed.append("the run to be killed made no step 2 in 300 s")
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    watcher = threading.Thread(target=kill_after_step_2, daemon=True)
+    watcher.start()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # share the CPU with the run in the other process
+    try:
+        out = {"poise": train_run(runs / "poise", model_dir, 3),
+               "grpo": train_run(runs / "grpo", model_dir, 2,
+                                 **{"algorithm.adv_estimator": "grpo"})}
+        watcher.join(timeout=330)
+    finally:
+        torch.set_num_threads(threads)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if killed:
+        raise RuntimeError(killed[0])
+    out["crashed"] = crashed
+    torn = runs / "torn"
+    shutil.copytree(out["poise"], torn, ignore=shutil.ignore_patterns("checkpoints"))
+    tear_last_line(torn)
+    out["torn"] = torn
+    out["study"] = make_study_dir(root / "studies" / "layer_study")
+    out["root"] = root
+    _BUILT[key] = out
+    return out
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a run without its checkpoints (what the dashboard never reads)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
+    return dst
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# a real server and a real browser (headless Chromium over the DevTools protocol)
+
+
+def chromium_path() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+class StreamlitServer:
+    """`streamlit run apps/dashboard.py -- PATHS` on 127.0.0.1; always killed on exit."""
+
+    def __init__(self, paths: list[Path], port: int | None = None, timeout: float = 60,
+                 refresh: float | None = None, app: Path = APP):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "streamlit", "run", str(app),
+               "--server.port", str(self.port), "--server.address", "127.0.0.1",
+               "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer",
+               "--", *map(str, paths)]
+        if refresh is not None:
+            cmd += ["--refresh", str(refresh)]
+        self.log = Path(os.environ.get("TMPDIR", "/tmp"), f"streamlit-{self.port}.log")
+        self._log = open(self.log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=REPO, start_new_session=True)
+        self.timeout = timeout
+
+    def __enter__(self) -> StreamlitServer:
+        import urllib.request
+
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self.close()
+                raise RuntimeError(f"streamlit exited: {self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.25)
+        self.close()
+        raise TimeoutError(f"streamlit did not answer within {self.timeout} s: "
+                           f"{self.log.read_text()[-3000:]}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                with contextlib.suppress(Exception):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Browser:
+    """Headless Chromium driven through the DevTools protocol (one tab); always killed on close."""
+
+    def __init__(self, width: int = 1440, height: int = 1800, timeout: float = 30):
+        import tempfile
+
+        exe = chromium_path()
+        if exe is None:
+            raise FileNotFoundError("chromium is not installed (apt-get install chromium)")
+        self.profile = tempfile.mkdtemp(prefix="poise-chromium-")
+        self.width, self.height = width, height
+        self.proc = subprocess.Popen(
+            [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--no-first-run", "--no-default-browser-check", "--hide-scrollbars",
+             "--remote-debugging-port=0", "--remote-allow-origins=*",
+             f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
+             "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self._id = 0
+        self._stack = contextlib.ExitStack()
+        self.js_errors: list[str] = []
+        try:
+            self._connect(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, timeout: float) -> None:
+        import urllib.request
+
+        from websockets.sync.client import connect
+
+        port_file = Path(self.profile, "DevToolsActivePort")
+        deadline = time.time() + timeout
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("chromium did not start its DevTools endpoint")
+            time.sleep(0.05)
+        port = int(port_file.read_text().split()[0])
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list",
+                                            timeout=2) as r:
+                    targets = json.loads(r.read())
+                page = next(t for t in targets if t.get("type") == "page")
+                break
+            except (OSError, StopIteration):
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.ws = self._stack.enter_context(
+            connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=timeout))
+        self.send("Page.enable")
+        self.send("Runtime.enable")
+        self.send("Emulation.setDeviceMetricsOverride",
+                  width=self.width, height=self.height, deviceScaleFactor=1, mobile=False)
+
+    def send(self, method: str, timeout: float = 30, **params):
+        self._id += 1
+        me = self._id
+        self.ws.send(json.dumps({"id": me, "method": method, "params": params}))
+        deadline = time.time() + timeout
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                raise TimeoutError(f"no answer to {method} within {timeout} s")
+            msg = json.loads(self.ws.recv(timeout=left))
+            if msg.get("id") == me:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+            if msg.get("method") == "Runtime.exceptionThrown":
+                self.js_errors.append(msg["params"]["exceptionDetails"].get("text", ""))
+
+    def goto(self, url: str) -> None:
+        self.send("Page.navigate", url=url)
+
+    def click(self, x: float, y: float) -> None:
+        """A left mouse click at page coordinates (x, y), as a user's (canvas grids need it)."""
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left",
+                      clickCount=0 if kind == "mouseMoved" else 1)
+
+    def eval(self, expression: str):
+        res = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"{expression[:80]}: {res['exceptionDetails']}")
+        return res.get("result", {}).get("value")
+
+    def wait_until(self, expression: str, timeout: float = 30, poll: float = 0.25):
+        """Poll a JS expression until truthy; returns its value or raises TimeoutError."""
+        deadline = time.time() + timeout
+        last = None
+        while time.time() < deadline:
+            try:
+                last = self.eval(expression)
+            except RuntimeError:
+                last = None
+            if last:
+                return last
+            time.sleep(poll)
+        raise TimeoutError(f"waited {timeout} s for {expression[:120]}; last value {last!r}")
+
+    def screenshot(self, path: Path, full_height: int | None = None) -> Path:
+        import base64
+
+        height = full_height or self.height
+        # As a mouse user sees the page: Plotly shows its toolbar only on hover, but keeps it
+        # on where the browser reports no hover capability (headless).
+        self.eval("""(() => { const s = document.createElement('style');
+            s.textContent = '.modebar-container { display: none !important; }';
+            document.head.appendChild(s); return true; })()""")
+        self.send("Emulation.setDeviceMetricsOverride", width=self.width, height=height,
+                  deviceScaleFactor=1, mobile=False)
+        time.sleep(0.5)  # let the charts re-layout to the new size
+        data = self.send("Page.captureScreenshot", format="png", timeout=60)["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._stack.close()
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+#: JS: the page's state once Streamlit has finished rendering it.
+PAGE_STATE_JS = """(() => {
+  const q = s => document.querySelectorAll(s).length;
+  const running = !!document.querySelector('[data-testid="stStatusWidget"]') &&
+      /running|connecting/i.test(
+          document.querySelector('[data-testid="stStatusWidget"]').innerText || '');
+  return JSON.stringify({
+    app: q('[data-testid="stApp"]'), main: q('[data-testid="stMain"]'),
+    running: running,
+    skeleton: q('[data-testid="stSkeleton"]'),
+    exceptions: q('[data-testid="stException"]'),
+    exceptionText: Array.from(document.querySelectorAll('[data-testid="stException"]'))
+        .map(e => e.innerText.slice(0, 2000)),
+    charts: q('[data-testid="stPlotlyChart"]'),
+    plots: q('.js-plotly-plot'),
+    rendered: q('.js-plotly-plot .main-svg'),
+    dataframes: q('[data-testid="stDataFrame"]'),
+    title: (document.querySelector('h1') || {}).innerText || '',
+    height: (document.querySelector('[data-testid="stMainBlockContainer"]') || document.body)
+        .scrollHeight,
+  });
+})()"""
+
+
+def wait_rendered(browser: Browser, min_charts: int = 0, timeout: float = 60,
+                  settle: float = 1.5) -> dict:
+    """Wait until the page has run, its charts are drawn and nothing changed for `settle` s."""
+    deadline = time.time() + timeout
+    last, since = None, time.time()
+    while time.time() < deadline:
+        try:
+            state = json.loads(browser.eval(PAGE_STATE_JS))
+        except (RuntimeError, TypeError, ValueError):
+            state = None
+        if state and state["exceptions"]:
+            return state
+        ready = (state and state["main"] and not state["running"] and not state["skeleton"]
+                 and state["charts"] >= min_charts and state["rendered"] >= min_charts)
+        key = json.dumps({k: v for k, v in (state or {}).items() if k != "height"})
+        if key != last:
+            last, since = key, time.time()
+        elif ready and time.time() - since >= settle:
+            return state
+        time.sleep(0.25)
+    raise TimeoutError(f"page not rendered within {timeout} s; last state {last}")
+
+
+SHOT_PAGES = ("runs", "training", "probe", "rollouts", "studies")
+
+
+def screenshots(out: Path, paths: list[Path], width: int = 1500) -> list[Path]:
+    """Screenshots of every page over `paths` (the first is the run the Probe and Rollouts pages
+    show), saved as out/dashboard-<page>.png."""
+    focus = Path(paths[0]).resolve().name
+    saved = []
+    with StreamlitServer(paths) as server, Browser(width=width, height=1000) as browser:
+        for page in SHOT_PAGES:
+            path = "/" if page == "runs" else f"/{page}"
+            if page in ("probe", "rollouts"):
+                path += f"?focus={focus}"
+            browser.goto(server.url + path)
+            state = wait_rendered(browser, timeout=120)
+            if state["exceptions"]:
+                raise RuntimeError(f"{page}: {state['exceptionText']}")
+            saved.append(browser.screenshot(out / f"dashboard-{page}.png",
+                                            full_height=min(state["height"] + 120, 7000)))
+    return saved
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "train":
+        import torch
+
+        torch.set_num_threads(1)
+        train_run(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
+    elif len(sys.argv) >= 4 and sys.argv[1] == "screenshots":
+        for shot in screenshots(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]]):
+            print(shot)
+    else:
+        sys.exit(f"usage: {sys.argv[0]} train OUT MODEL_DIR STEPS\n"
+                 f"       {sys.argv[0]} screenshots OUT_DIR RUN_DIR [MORE_PATHS ...]")

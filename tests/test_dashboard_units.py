@@ -1,0 +1,257 @@
+"""The dashboard's pure parts: numbers behind the charts, token alignment, the launcher."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+APPS = Path(__file__).resolve().parents[1] / "apps"
+if str(APPS) not in sys.path:
+    sys.path.insert(0, str(APPS))
+
+from poise_dash import analysis, tokens
+
+from poise_probe import dashboard
+
+# --------------------------------------------------------------------------------------------
+# analysis
+
+
+def test_ema_matches_tensorboard_debiasing_and_skips_nan():
+    x = np.array([1.0, np.nan, 3.0])
+    out = analysis.ema(x, 0.5)
+    assert out[0] == pytest.approx(1.0)                 # debiased: first value unchanged
+    assert math.isnan(out[1])
+    assert out[2] == pytest.approx((0.25 * 1 + 0.5 * 3) / 0.75)
+    np.testing.assert_array_equal(analysis.ema(x, 0.0), x)
+    with pytest.raises(ValueError, match="smoothing"):
+        analysis.ema(x, 1.0)
+
+
+def test_per_step_merges_lines_and_builds_x_axes():
+    frame = analysis.numeric_frame([
+        {"step": 0, "eval/accuracy": 0.5, "time": 100.0},
+        {"step": 1, "reward/mean": 0.2, "tokens/generated": 10, "time": 3700.0},
+        {"step": 2, "reward/mean": None, "tokens/generated": 30, "time": 7300.0},
+        {"step": 2, "eval/accuracy": 0.7, "time": 7400.0},
+    ])
+    steps = analysis.per_step(frame)
+    assert list(steps["step"]) == [0, 1, 2]
+    assert list(steps["_x_tokens"]) == [0, 10, 40]
+    assert steps["_x_wall"].iloc[-1] == pytest.approx((7400 - 100) / 3600)
+    assert steps["eval/accuracy"].tolist() == [0.5, pytest.approx(np.nan, nan_ok=True), 0.7]
+    assert steps["reward/mean"].dtype == float
+    assert analysis.best_eval(steps) == (0.7, 2)
+
+
+def test_per_step_of_a_run_that_logged_only_its_first_evaluation():
+    steps = analysis.per_step(analysis.numeric_frame([{"step": 0, "eval/accuracy": 0.5,
+                                                       "time": 10.0}]))
+    assert steps["_x_tokens"].tolist() == [0.0] and steps["_x_wall"].tolist() == [0.0]
+    empty = analysis.per_step(analysis.numeric_frame([]))
+    assert empty.empty and "_x_tokens" in empty
+
+
+def test_reliability_bins_are_equal_mass_with_hand_values():
+    pred = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])
+    obs = np.array([0, 0, 1, 0, 1, 1, 0, 1], float)
+    bins = analysis.reliability_bins(pred, obs, n_bins=2)
+    assert bins["n"].tolist() == [4, 4]
+    assert bins["pred_mean"].tolist() == pytest.approx([0.25, 0.75])
+    assert bins["obs_mean"].tolist() == pytest.approx([0.25, 0.75])
+    assert analysis.expected_calibration_error(bins) == pytest.approx(0.0)
+    assert (bins["obs_lo"] >= 0).all() and (bins["obs_hi"] <= 1).all()
+    s = analysis.calibration_summary(pred, obs, n_bins=2)
+    assert s["mae"] == pytest.approx(np.abs(pred - obs).mean())
+    assert s["brier_skill"] == pytest.approx(1 - ((pred - obs) ** 2).mean() / obs.var())
+
+
+def test_pair_sign_accuracy_counts_only_pairs_with_different_outcomes():
+    df = pd.DataFrame({
+        "step": [1] * 6, "group_id": [0, 0, 1, 1, 2, 2], "rollout_idx": [0, 1] * 3,
+        "reward": [1.0, 0.0, 0.0, 1.0, 1.0, 1.0],
+        "probe_pred": [0.9, 0.2, 0.8, 0.3, 0.5, 0.1],   # right, wrong, (equal outcomes)
+    })
+    acc, n = analysis.pair_sign_accuracy(df, "reward")
+    assert (acc, n) == (0.5, 2)
+    df.loc[3, "probe_pred"] = 0.8                       # a tie counts one half
+    assert analysis.pair_sign_accuracy(df, "reward") == (0.75, 2)
+
+
+def test_baseline_errors_compare_probe_with_sibling_mean():
+    df = pd.DataFrame({
+        "step": [1] * 4, "group_id": [0, 0, 1, 1], "domain": ["math"] * 2 + ["code"] * 2,
+        "reward": [1.0, 0.0, 1.0, 1.0], "probe_pred": [0.9, 0.1, 1.0, 1.0],
+        "baseline": [0.1, 0.9, 1.0, 1.0],
+    })
+    err = analysis.baseline_errors(df, "reward").set_index(["domain", "baseline"])["mse"]
+    # RLOO baseline of group 0 is the sibling's reward: errors 1 and 1 -> MSE over 4 rows 0.5
+    assert err[("all", "sibling reward mean (RLOO)")] == pytest.approx(0.5)
+    assert err[("all", "own probe prediction")] == pytest.approx((0.01 + 0.01) / 4)
+    assert err[("math", "used by the run")] == pytest.approx((0.81 + 0.81) / 2)
+
+
+def test_rollout_filter_and_sort():
+    df = pd.DataFrame({
+        "step": [1, 1, 2, 2], "group_id": [0, 0, 0, 0], "rollout_idx": [0, 1, 0, 1],
+        "domain": ["math", "math", "code", "code"], "reward": [1.0, 0.0, 1.0, 0.0],
+        "score": [1.0, 0.0, 1.0, 0.0], "probe_pred": [0.9, 0.6, np.nan, 0.2],
+        "advantage": [0.4, -0.6, 3e-8, -0.1], "prompt": ["a", "a", "b", "b"],
+        "completion": ["<answer>42</answer>", "x", "foo", "FOO bar"], "truncated": [0, 0, 0, 1],
+        "num_tokens": [5, 1, 3, 7],
+    })
+    f = analysis.RolloutFilter
+    assert list(f(domains=["code"]).apply(df, "score").index) == [2, 3]
+    assert list(f(advantage_signs=["zero"]).apply(df, "score").index) == [2]
+    assert list(f(min_probe_error=0.5).apply(df, "score").index) == [1]
+    assert list(f(text="foo").apply(df, "score").index) == [2, 3]
+    assert list(f(text=r"\d+", regex=True).apply(df, "score").index) == [0]
+    assert list(f(text="(").apply(df, "score").index) == []       # literal unless regex
+    assert list(f(truncated_only=True, reward_range=(0, 0.5)).apply(df, "score").index) == [3]
+    with pytest.raises(ValueError, match="invalid regular expression"):
+        f(text="(", regex=True).apply(df, "score")
+    df["_probe_err"] = (df["score"] - df["probe_pred"]).abs()
+    assert list(analysis.sort_rollouts(df, "worst probe miss first").index) == [1, 3, 0, 2]
+    assert list(analysis.sort_rollouts(df, "length (long first)").index) == [3, 0, 2, 1]
+
+
+def test_config_diff_flattens_and_shows_only_differences():
+    a = {"optim": {"lr": 1e-3, "betas": [0.9, 0.99]}, "algorithm": {"adv_estimator": "poise"}}
+    b = {"optim": {"lr": 1e-3, "betas": [0.9, 0.999]}, "algorithm": {"adv_estimator": "grpo"},
+         "extra": {"x": 1}}
+    diff = analysis.config_diff(a, b)
+    assert diff["key"].tolist() == ["algorithm.adv_estimator", "extra.x", "optim.betas"]
+    assert diff.set_index("key").loc["extra.x", "A"] == "(absent)"
+    assert len(analysis.config_diff(a, b, show_all=True)) == 4
+
+
+def test_stage_shares_sum_to_one():
+    steps = pd.DataFrame({"timing_s/step": [2.0, 4.0], "timing_s/gen": [1.0, 2.0],
+                          "timing_s/update": [0.5, 1.0], "timing_s/eval": [9.0, None]})
+    shares = analysis.stage_shares(steps)
+    assert shares["gen"] == pytest.approx(0.5) and shares["update"] == pytest.approx(0.25)
+    assert shares.sum() == pytest.approx(1.0) and "eval" not in shares
+
+
+# --------------------------------------------------------------------------------------------
+# token alignment
+
+
+def test_character_level_completion_with_single_token_tags_and_end_token():
+    text = "<think>1+2=3</think><answer>3</answer>"
+    pieces = tokens.split_pieces(text)
+    assert pieces[0] == "<think>" and pieces[-1] == "</answer>" and len(pieces) == 5 + 4 + 1
+    al = tokens.align(text, np.arange(len(pieces) + 1) / 10)
+    assert al.mode == "chars+tags" and al.extra_tokens == 1
+    assert al.spans == [("think", 0, 6), ("answer", 7, 9)]
+    html = tokens.render_html(al, vmax=1.0)
+    assert html.count('title="token') == len(pieces) + 1
+    assert "&lt;think&gt;" in html and ">think</sup>" in html and ">answer</sup>" in html
+
+
+def test_one_entropy_per_character_marks_spans_in_characters():
+    text = "<think>ab</think><answer>c</answer>"
+    al = tokens.align(text, np.ones(len(text)))
+    assert al.mode == "chars"
+    assert al.spans == [("think", 0, 16), ("answer", 17, len(text) - 1)]
+    assert text[al.spans[0][1]:al.spans[0][2] + 1] == "<think>ab</think>"
+
+
+def test_unclosed_span_of_a_truncated_completion_runs_to_the_end():
+    al = tokens.align("<think>abc", np.ones(4))
+    assert al.mode == "chars+tags" and al.spans == [("think", 0, 3)]
+
+
+def test_subword_tokens_fall_back_to_ids_or_a_strip_never_guessing():
+    text = "The answer is <b>42</b>"
+    al = tokens.align(text, np.ones(6))
+    assert al.mode == "strip" and not al.coloured and "subword" in al.describe()
+    assert "&lt;b&gt;" in tokens.render_html(al, 1.0)          # text escaped, not coloured
+    al = tokens.align(text, np.ones(3), token_ids=[11, 12, 13])
+    assert al.mode == "token_ids" and al.coloured
+    assert tokens.render_html(al, 1.0).count("id 1") == 3
+
+
+def test_entropy_colour_is_monotone_and_handles_nan():
+    assert tokens.entropy_colour(float("nan"), 1.0).startswith("rgba(128")
+    alphas = [float(tokens.entropy_colour(h, 2.0).rsplit(",", 1)[1][:-1])
+              for h in (0.0, 1.0, 2.0, 5.0)]
+    assert alphas == sorted(alphas) and alphas[-1] == alphas[-2]
+
+
+# --------------------------------------------------------------------------------------------
+# launcher
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    dashboard.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["dashboard", *argv])
+
+
+def test_launcher_builds_the_streamlit_command(tmp_path):
+    args = _args(str(tmp_path), "--port", "8600", "--no-browser", "--refresh", "5")
+    cmd = dashboard.build_command(args)
+    assert cmd[1:4] == ["-m", "streamlit", "run"]
+    assert Path(cmd[4]) == dashboard.app_path() and dashboard.app_path().is_file()
+    assert cmd[cmd.index("--server.port") + 1] == "8600"
+    assert cmd[cmd.index("--server.headless") + 1] == "true"
+    assert cmd[cmd.index("--") + 1:] == [str(tmp_path.resolve()), "--refresh", "5"]
+    assert args.func is dashboard.run
+
+
+def test_launcher_refuses_missing_paths_and_bad_ports(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="no such run directory or folder: .*nope"):
+        dashboard.build_command(_args(str(tmp_path / "nope")))
+    with pytest.raises(ValueError, match="--port"):
+        dashboard.build_command(_args(str(tmp_path), "--port", "0"))
+    assert dashboard.run(_args(str(tmp_path), "--dry-run")) == 0
+    assert "streamlit run" in capsys.readouterr().out
+
+
+def test_launcher_names_a_missing_app(tmp_path, monkeypatch):
+    monkeypatch.setattr(dashboard, "app_path", lambda: tmp_path / "apps" / "dashboard.py")
+    with pytest.raises(FileNotFoundError, match="dashboard app is missing"):
+        dashboard.build_command(_args(str(tmp_path)))
+
+
+def test_dashboard_command_is_what_demo_prints():
+    assert dashboard.dashboard_command("runs/demo-20261123-120000") == \
+        "poise dashboard runs/demo-20261123-120000"
+    assert dashboard.dashboard_command("my runs/a") == "poise dashboard 'my runs/a'"
+
+
+def test_the_app_never_imports_torch_or_the_trainer(tmp_path):
+    """Every page runs (on an empty folder) in a fresh process without importing torch."""
+    import subprocess
+
+    script = f"""
+import os, sys
+os.environ["POISE_DASHBOARD_PATHS"] = {str(tmp_path)!r}
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file({str(APPS / "dashboard.py")!r}, default_timeout=60).run()
+for page in ("training", "probe", "rollouts", "studies"):
+    at.switch_page(f"views/{{page}}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+bad = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "transformers",
+             "poise_probe.trainer", "poise_probe.models", "poise_probe.probe")))
+print("BAD", bad)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "BAD []" in out.stdout, out.stdout[-2000:]
+
+
+def test_poise_dashboard_command_line(tmp_path, capsys):
+    from poise_probe.cli import main
+
+    assert main(["dashboard", str(tmp_path), "--dry-run"]) == 0
+    assert f"-- {tmp_path.resolve()}" in capsys.readouterr().out
+    assert main(["dashboard", str(tmp_path / "missing")]) == 2
+    assert "no such run directory or folder" in capsys.readouterr().err
