@@ -124,8 +124,10 @@ def _step(rng, step: int, n: int, k: int) -> tuple[pd.DataFrame, dict]:
     return table, m
 
 
-def time_apptest(run_dir: Path, repeat: int) -> tuple[list[float], list[float], int]:
-    """(cold seconds, warm seconds, charts drawn) of the Training page under AppTest."""
+def time_apptest(run_dir: Path, repeat: int,
+                 tab: str | None = None) -> tuple[list[float], list[float], int]:
+    """(cold seconds, warm seconds, charts drawn) of the Training page under AppTest, on its
+    first tab or on `tab` (as ?tab= in the URL)."""
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
@@ -134,6 +136,8 @@ def time_apptest(run_dir: Path, repeat: int) -> tuple[list[float], list[float], 
     for _ in range(repeat):
         st.cache_data.clear()
         at = AppTest.from_file(str(APP), default_timeout=120)
+        if tab:
+            at.query_params["tab"] = tab
         at.switch_page("views/training.py")       # open the Training page directly
         t = time.perf_counter()
         at.run()
@@ -163,24 +167,29 @@ for i in range(n):
     cols[i % 3].plotly_chart(go.Figure(go.Scatter(y=y)), key=f"c{i}")
 """
 
-ALL_DRAWN = ("(() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 75"
-             " && !document.querySelector('[data-testid=stSkeleton]'))()")
-FIRST_DRAWN = "(() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 1)()"
+def drawn(n: int) -> str:
+    """JS: at least `n` Plotly charts drawn and no element still pending."""
+    return ("(() => Array.from(document.querySelectorAll('.js-plotly-plot'))"
+            f".filter(e => e.querySelector('.main-svg')).length >= {n}"
+            " && !document.querySelector('[data-testid=stSkeleton]'))()")
+
+
+OVERVIEW_DRAWN, ALL_DRAWN = drawn(6), drawn(27)
 TABLE_DRAWN = "(() => !!document.querySelector('[data-testid=stDataFrame] canvas'))()"
 
 
 def time_browser(run_dir: Path, repeat: int) -> dict[str, list[float]]:
     """Seconds until drawn, real server and headless Chromium:
     - "peer": a new tab on the one-chart page (the fixed cost of Streamlit + Plotly.js);
-    - "direct first" / "direct all": a new tab opened on /training, until its first chart /
-      all 27 charts are drawn;
+    - "direct": a new tab opened on /training, until the Overview tab's 6 charts are drawn;
+    - "direct all": a new tab on /training?tab=all (every section), until its 27 charts are drawn;
     - "runs": a new tab on the Runs page (a table, no chart) until the table shows;
     - "navigate": from the open Runs page, a click on *Training* in the sidebar (the app is
-      already loaded, as when a user moves between pages) until all charts are drawn."""
+      already loaded, as when a user moves between pages) until the Overview is drawn."""
     sys.path.insert(0, str(REPO / "tests"))
     import dashboard_fixtures as fx
 
-    out: dict[str, list[float]] = {k: [] for k in ("peer", "peer 27", "direct first", "direct all", "runs",
+    out: dict[str, list[float]] = {k: [] for k in ("peer", "peer 27", "direct", "direct all", "runs",
                                                    "navigate")}
 
     def timed(browser, url: str | None, condition: str, click: str | None = None) -> float:
@@ -208,12 +217,12 @@ def time_browser(run_dir: Path, repeat: int) -> dict[str, list[float]]:
                         out[key].append(seconds)
     with fx.StreamlitServer([run_dir]) as server, fx.Browser() as browser:
         for i in range(repeat + 1):
-            times = {"direct first": timed(browser, f"{server.url}/training", FIRST_DRAWN),
-                     "direct all": timed(browser, f"{server.url}/training", ALL_DRAWN),
+            times = {"direct": timed(browser, f"{server.url}/training", OVERVIEW_DRAWN),
+                     "direct all": timed(browser, f"{server.url}/training?tab=all", ALL_DRAWN),
                      "runs": timed(browser, f"{server.url}/", TABLE_DRAWN)}
             time.sleep(1.0)
             times["navigate"] = timed(
-                browser, None, ALL_DRAWN,
+                browser, None, OVERVIEW_DRAWN,
                 click="document.querySelector('[data-testid=stSidebarNav] a[href$=\"/training\"]')"
                       ".click()")
             if i:
@@ -240,21 +249,23 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
         print(f"synthesised {args.steps} steps x {args.rollouts} rollouts in "
               f"{time.perf_counter() - t:.1f} s ({size / 2**20:.0f} MiB) at {run_dir}")
-    cold, warm, charts = time_apptest(run_dir, args.repeat)
-    print(f"Training page, AppTest, {charts} charts: cold median {statistics.median(cold):.2f} s "
-          f"(runs: {', '.join(f'{x:.2f}' for x in cold)}); warm median "
-          f"{statistics.median(warm):.2f} s (max {max(warm):.2f})")
+    for tab, name in ((None, "Overview tab"), ("all", "All tab")):
+        cold, warm, charts = time_apptest(run_dir, args.repeat, tab)
+        print(f"Training page ({name}), AppTest, {charts} charts: cold median "
+              f"{statistics.median(cold):.2f} s (runs: {', '.join(f'{x:.2f}' for x in cold)}); "
+              f"warm median {statistics.median(warm):.2f} s (max {max(warm):.2f})")
     if args.browser:
         seconds = time_browser(run_dir, args.repeat)
         peer = statistics.median(seconds["peer"])
         for key, what in (
                 ("peer", "peer: a one-chart Streamlit page, new tab, until drawn"),
                 ("peer 27", "peer: 27 bare 200-point Plotly charts, new tab, until drawn"),
-                ("direct first", "Training page, new tab, until its first chart is drawn"),
-                ("direct all", "Training page, new tab, until all 27 charts are drawn"),
+                ("direct", "Training page (Overview tab), new tab, until its 6 charts are drawn"),
+                ("direct all", "Training page, All tab (?tab=all), new tab, until its 27 charts "
+                               "are drawn"),
                 ("runs", "Runs page, new tab, until its table is drawn"),
                 ("navigate", "Training page opened from the Runs page (sidebar click), "
-                             "until all 27 charts are drawn")):
+                             "until the Overview's 6 charts are drawn")):
             med = statistics.median(seconds[key])
             print(f"{what}: median {med:.2f} s ({med / peer:.2f}x the peer; runs: "
                   f"{', '.join(f'{x:.2f}' for x in seconds[key])})")

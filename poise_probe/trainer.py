@@ -213,7 +213,7 @@ def train_step(step, cfg: Config, model, ref, tokenizer, tags, layer, stream: Pr
     metrics.update(update_metrics)
     if step % cfg.trainer.log_rollouts_every == 0:
         writer.write_rollouts(step, rollout_table(step, batch, preds, adv, advantages,
-                                                  entropies))
+                                                  entropies, old_log_probs))
     if step % cfg.probe.snapshot_every == 0 or step == cfg.trainer.total_steps:
         writer.write_probe_snapshot(step, probe_snapshot(bank), {"layer": layer, "step": step})
     timing["step"] = time.perf_counter() - t_step
@@ -432,11 +432,17 @@ def step_metrics(batch: Rollouts, advantages, adv, preds, fitted, raw, used, ent
     return m
 
 
-def rollout_table(step, batch: Rollouts, preds, adv, advantages, entropies) -> dict:
-    """Columns of `rollouts/step_XXXXXX.parquet` (see docs/run-format.md)."""
+def rollout_table(step, batch: Rollouts, preds, adv, advantages, entropies, log_probs) -> dict:
+    """Columns of `rollouts/step_XXXXXX.parquet` (see docs/run-format.md).
+
+    `entropies` and `log_probs` are the old-policy pass's (N, T) tensors, right-padded;
+    `log_probs` (stored as `token_logprobs`) is each sampled token's log-prob under the policy
+    that sampled it, temperature-scaled: the very tensor the PPO ratio divides by.
+    """
     k = len(batch.response_ids) // len(batch.prompts)
     rows_g = batch.group_ids.tolist()
     lens = [len(x) for x in batch.response_ids]
+    lp = log_probs.detach().float().cpu().numpy()
     return {
         "step": [step] * len(rows_g),
         "prompt_id": [batch.prompts[g].example.prompt_id for g in rows_g],
@@ -459,6 +465,8 @@ def rollout_table(step, batch: Rollouts, preds, adv, advantages, entropies) -> d
         # exact ids, so probe studies can re-run the forward on what the policy saw
         "prompt_token_ids": [batch.prompt_ids[g] for g in rows_g],
         "token_ids": [list(ids) for ids in batch.response_ids],
+        # float32 numpy arrays, so pyarrow stores list<float32>
+        "token_logprobs": [lp[n, :lens[n]].astype(np.float32) for n in range(len(rows_g))],
     }
 
 

@@ -479,7 +479,7 @@ def wait_rendered(browser: Browser, min_charts: int = 0, timeout: float = 60,
     raise TimeoutError(f"page not rendered within {timeout} s; last state {last}")
 
 
-SHOT_PAGES = ("runs", "training", "probe", "rollouts", "studies")
+SHOT_PAGES = ("runs", "training", "training-all", "probe", "rollouts", "studies")
 
 
 def screenshots(out: Path, paths: list[Path], width: int = 1500) -> list[Path]:
@@ -489,7 +489,7 @@ def screenshots(out: Path, paths: list[Path], width: int = 1500) -> list[Path]:
     saved = []
     with StreamlitServer(paths) as server, Browser(width=width, height=1000) as browser:
         for page in SHOT_PAGES:
-            path = "/" if page == "runs" else f"/{page}"
+            path = {"runs": "/", "training-all": "/training?tab=all"}.get(page, f"/{page}")
             if page in ("probe", "rollouts"):
                 path += f"?focus={focus}"
             browser.goto(server.url + path)

@@ -127,6 +127,18 @@ def test_runs_page_infers_status_and_headline_numbers(runs, monkeypatch):
 
 def test_training_page_overlays_runs_with_every_documented_chart(runs, monkeypatch):
     at = open_app(monkeypatch, runs["root"] / "runs", page="training")
+    # the page opens on the Overview tab: six charts, the other tabs are not built
+    assert sorted(chart_titles(at)) == sorted([
+        "reward (mean over the step's rollouts)", "held-out accuracy by domain", "probe MAE",
+        "probe Pearson r", "variance-reduction ratio 1 − Var(A)/Var(r)", "gradient norm"])
+    at.session_state["tr_tab"] = "Probe"
+    at.run()
+    assert_ok(at)
+    assert "probe Brier skill" in chart_titles(at) and "gradient norm" not in chart_titles(at)
+    assert query(at)["tab"] == ["probe"]
+    at.session_state["tr_tab"] = "All"
+    at.run()
+    assert_ok(at)
     titles = " | ".join(chart_titles(at))
     for part in ("reward (mean", "reward by domain", "held-out accuracy by domain", "probe MAE",
                  "probe Pearson", "probe Brier skill", "variance-reduction ratio",
@@ -253,7 +265,11 @@ def test_crashed_and_torn_runs_render_every_page(runs, monkeypatch):
             assert_ok(at)
     at = open_app(monkeypatch, runs["torn"], page="training")
     assert "incomplete line" in texts(at)
-    assert len(at.get("plotly_chart")) > 10
+    assert len(at.get("plotly_chart")) == 6                      # the Overview tab
+    at.session_state["tr_tab"] = "All"
+    at.run()
+    assert_ok(at)
+    assert len(at.get("plotly_chart")) > 20
 
 
 def test_missing_and_corrupt_files_warn_inline(runs, tmp_path, monkeypatch):
@@ -356,6 +372,8 @@ def test_a_run_that_has_just_started_renders_every_page(tmp_path, monkeypatch):
             at.switch_page(f"views/{page}.py").run()
             assert_ok(at)
     at.switch_page("views/training.py").run()
+    at.session_state["tr_tab"] = "Held-out accuracy"
+    at.run()
     assert "held-out accuracy (Avg@K, all tasks)" in chart_titles(at)
     writer.close()
 

@@ -23,7 +23,8 @@ pytestmark = [
 #: page -> (URL path and query, charts it must draw at least, text its title has)
 PAGES = {
     "runs": ("/", 0, "Runs"),
-    "training": ("/training", 20, "Training"),
+    "training": ("/training", 6, "Training"),              # the Overview tab
+    "training-all": ("/training?tab=all", 20, "Training"),  # every section (a permalink)
     "probe": ("/probe?focus=runs/poise", 7, "Probe"),
     "rollouts": ("/rollouts?focus=runs/poise", 2, "Rollouts"),
     "studies": ("/studies", 4, "Probe studies"),
@@ -65,7 +66,7 @@ def test_live_run_updates_in_place(runs, tmp_path):
     fx.mark_running(live)              # this test process is its (alive) writer
     with fx.StreamlitServer([live], refresh=1) as server, fx.Browser() as browser:
         browser.goto(server.url + "/training")
-        fx.wait_rendered(browser, min_charts=20, timeout=90)
+        fx.wait_rendered(browser, min_charts=6, timeout=90)
         points = ("(() => { const p = Array.from(document.querySelectorAll('.js-plotly-plot'))"
                   ".find(e => ((e.layout.title || {}).text || '').includes('reward (mean'));"
                   " return Math.max(...p.data.map(t => ((t.x || {})._inputArray || t.x || [])"
@@ -110,7 +111,52 @@ def test_tick_runs_in_the_table_and_compare_them(runs):
         assert sorted(browser.eval(SIDEBAR_TAGS_JS)) == ["grpo", "poise"]
         browser.eval("document.querySelector('[data-testid=stSidebarNav] a[href$=\"/training\"]')"
                      ".click()")
-        state = fx.wait_rendered(browser, min_charts=20, timeout=90)
+        state = fx.wait_rendered(browser, min_charts=6, timeout=90)
         assert state["exceptions"] == 0, state["exceptionText"]
         legend = browser.eval("document.querySelector('[data-testid=stMain]').innerText")
         assert "grpo" in legend and "poise" in legend and "crashed" not in legend
+        # a tab runs only when opened: the Probe tab's charts appear on a click
+        brier = ("Array.from(document.querySelectorAll('.js-plotly-plot')).some(p => "
+                 "((p.layout.title || {}).text || '').includes('probe Brier skill'))")
+        assert browser.eval(brier) is False
+        browser.eval("Array.from(document.querySelectorAll('[role=tab]'))"
+                     ".find(t => t.innerText.trim() === 'Probe').click()")
+        browser.wait_until(brier, timeout=30)
+        assert "tab=probe" in browser.eval("location.search")
+
+
+def test_the_poise_dashboard_command_serves_every_page(runs):
+    """What `poise demo` prints, run as printed: `poise dashboard RUN_DIR` (plus a free port and
+    no browser tab) serves every page with the run's data."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    poise = Path(sys.executable).with_name("poise")
+    port = fx.free_port()
+    proc = subprocess.Popen([str(poise), "dashboard", str(runs["poise"]), "--port", str(port),
+                             "--host", "127.0.0.1", "--no-browser"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/_stcore/health", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                assert time.time() < deadline, "poise dashboard did not start in 60 s"
+                time.sleep(0.25)
+        with fx.Browser() as browser:
+            for path, charts in (("/", 0), ("/training", 6), ("/probe", 7), ("/rollouts", 2)):
+                browser.goto(url + path)
+                state = fx.wait_rendered(browser, min_charts=charts, timeout=90)
+                assert state["exceptions"] == 0, (path, state["exceptionText"])
+                assert state["charts"] >= charts, (path, state)
+            assert "poise" in browser.eval("document.body.innerText")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)

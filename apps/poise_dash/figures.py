@@ -311,23 +311,28 @@ def pair_sign_figure(rows: pd.DataFrame) -> go.Figure:
 
 
 def entropy_strip(entropies: np.ndarray, spans: list[tuple[str, int, int]], vmax: float,
-                  title: str = "per-token entropy", pieces: list[str] | None = None
-                  ) -> go.Figure:
-    """Entropy at each completion position as bars, think/answer spans shaded."""
-    from poise_dash.tokens import SPAN_COLOURS, entropy_colour
+                  title: str = "per-token entropy", pieces: list[str] | None = None,
+                  scale: str = "entropy") -> go.Figure:
+    """A per-token quantity at each completion position as bars, think/answer spans shaded:
+    entropy (nats) by default; `scale` "logprob" or "prob" (poise_dash.tokens.SCALES) when
+    `entropies` holds log-probs or probabilities."""
+    from poise_dash.tokens import SPAN_COLOURS, get_scale
 
+    sc = get_scale(scale)
     ent = np.asarray(entropies, float)
     xs = np.arange(len(ent))
     text = [repr(pieces[i]) if pieces and i < len(pieces) else "" for i in xs]
-    fig = go.Figure(go.Bar(x=xs, y=ent, marker_color=[entropy_colour(h, vmax) for h in ent],
-                           marker_line=dict(width=0.3, color="#c55"), customdata=text,
-                           hovertemplate="token %{x} %{customdata}: H=%{y:.3f} nats"
-                                         "<extra></extra>", showlegend=False))
+    unit = f" {sc.unit}" if sc.unit else ""
+    fig = go.Figure(go.Bar(x=xs, y=ent, marker_color=[sc.colour(h, vmax) for h in ent],
+                           marker_line=dict(width=0.3, color="#c55" if sc.key == "entropy"
+                                            else "#56c"), customdata=text,
+                           hovertemplate=f"token %{{x}} %{{customdata}}: {sc.symbol}=%{{y:.3f}}"
+                                         f"{unit}<extra></extra>", showlegend=False))
     for kind, first, last in spans:
         fig.add_vrect(x0=first - 0.5, x1=last + 0.5, fillcolor=SPAN_COLOURS.get(kind, "#999"),
                       opacity=0.08, line_width=0, annotation_text=kind,
                       annotation_position="top left",
                       annotation_font=dict(color=SPAN_COLOURS.get(kind, "#999"), size=11))
-    fig.update_yaxes(range=[0, max(vmax, float(np.nanmax(ent)) if len(ent) else 1.0) * 1.1])
+    fig.update_yaxes(range=sc.y_range(ent, vmax))
     fig.update_layout(hovermode="closest", bargap=0.05)
-    return _layout(fig, title, height=170, x_title="token position", y_title="nats")
+    return _layout(fig, title, height=170, x_title="token position", y_title=sc.label)

@@ -1,5 +1,6 @@
 """Rollouts: browse and filter every rollout; the rollouts of one prompt side by side, their text
-coloured by per-token entropy with the think and answer spans marked."""
+coloured by per-token entropy (or, for runs that store them, by the sampled tokens' log-probs or
+probabilities) with the think and answer spans marked."""
 from __future__ import annotations
 
 import json
@@ -176,14 +177,33 @@ def _group_view(view: pd.DataFrame, event, target: str) -> None:
         facts.append(f"reference answer `{gt[:200]}`" + ("…" if len(gt) > 200 else ""))
     st.markdown(" · ".join(facts))
 
-    ents = [np.asarray(e if e is not None else [], float) for e in g["token_entropies"]]
-    allv = np.concatenate([e for e in ents if len(e)]) if any(len(e) for e in ents) else [1.0]
-    auto = float(max(0.1, np.nanpercentile(allv, 98)))
-    c1, c2 = st.columns([3, 1])
-    vmax = c1.slider("entropy colour scale: full colour at (nats)", 0.1,
-                     float(max(auto, 5.0)), round(auto, 2), 0.05, key="ro_vmax")
+    # runs written before `token_logprobs` existed can be coloured by entropy only
+    scales = tokens.available_scales("token_logprobs" in g.columns)
+    c0, c1, c2 = st.columns([2, 3, 1], vertical_alignment="bottom")
+    if len(scales) > 1:
+        key = c0.segmented_control(
+            "colour by", [s.key for s in scales], key="ro_colour", default="entropy",
+            required=True, format_func=lambda k: tokens.SCALES[k].label,
+            help="entropy of the policy at each token; or the log-probability of the sampled "
+                 "token under the policy that sampled it (temperature-scaled, as in the PPO "
+                 "ratio; coloured by surprisal −log p), or its probability exp(log p)")
+        scale = tokens.get_scale(key or "entropy")
+    else:
+        scale = tokens.SCALES["entropy"]
+        c0.caption("coloured by entropy (this run stores no per-token log-probs)")
+    if scale.key == "entropy":
+        ents = [np.asarray(e if e is not None else [], float) for e in g["token_entropies"]]
+        vmax = c1.slider("entropy colour scale: full colour at (nats)", 0.1,
+                         *_auto_scale(ents, 5.0), 0.05, key="ro_vmax")
+    elif scale.key == "logprob":
+        surprisal = [-np.asarray(v, float) for v in g["token_logprobs"] if _is_list(v)]
+        vmax = c1.slider("log-prob colour scale: full colour at −log p ≥ (nats)", 0.1,
+                         *_auto_scale(surprisal, 10.0), 0.05, key="ro_lpmax")
+    else:
+        vmax = 1.0
+        c1.caption("probability: white at p = 1, full colour at p = 0")
     show_tags = c2.toggle("show tags", value=True, key="ro_tags")
-    st.html(tokens.legend_html(vmax))
+    st.html(tokens.legend_html(vmax, scale))
     per_row = min(len(g), 4)
     rows_of = [g.iloc[i:i + per_row] for i in range(0, len(g), per_row)]
     k = len(g)
@@ -191,7 +211,21 @@ def _group_view(view: pd.DataFrame, event, target: str) -> None:
         cols = st.columns(per_row)
         for col, (_, r) in zip(cols, chunk.iterrows()):
             with col:
-                _rollout_card(r, k, target, vmax, show_tags)
+                _rollout_card(r, k, target, vmax, show_tags, scale)
+
+
+def _is_list(v) -> bool:
+    """A stored per-token list (not a missing value)."""
+    return v is not None and not (isinstance(v, float) and np.isnan(v))
+
+
+def _auto_scale(arrays: list[np.ndarray], at_least: float) -> tuple[float, float]:
+    """(slider maximum, default): full colour at the 98th percentile of the values."""
+    allv = np.concatenate([a for a in arrays if len(a)]) if any(len(a) for a in arrays) \
+        else np.array([1.0])
+    allv = allv[np.isfinite(allv)]
+    auto = float(max(0.1, np.percentile(allv, 98))) if len(allv) else 1.0
+    return float(max(auto, at_least)), round(auto, 2)
 
 
 def _move_group(delta: int) -> None:
@@ -208,7 +242,8 @@ def _fmt(v) -> str:
     return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
 
 
-def _rollout_card(r: pd.Series, k: int, target: str, vmax: float, show_tags: bool) -> None:
+def _rollout_card(r: pd.Series, k: int, target: str, vmax: float, show_tags: bool,
+                  scale: tokens.Scale) -> None:
     idx = int(r["rollout_idx"])
     adv, reward, base = float(r["advantage"]), float(r["reward"]), float(r["baseline"])
     tone = "🟩" if adv > analysis.ZERO_ADVANTAGE else "🟥" if adv < -analysis.ZERO_ADVANTAGE \
@@ -227,20 +262,21 @@ def _rollout_card(r: pd.Series, k: int, target: str, vmax: float, show_tags: boo
     m[3].metric("advantage", _fmt(adv))
     if np.isfinite(adv) and np.isfinite(base) and abs(adv - (reward - base)) > 1e-5:
         st.caption(f"A ≠ r − b ({reward - base:+.3f}): the estimator rescales advantages")
-    al = tokens.align(str(r["completion"]), r["token_entropies"],
-                      r["token_ids"] if "token_ids" in r else None)
+    al = tokens.align(str(r["completion"]), r["token_entropies"], r.get("token_ids"),
+                      log_probs=r.get("token_logprobs"))
     if al.coloured:
-        st.html(tokens.render_html(al, vmax, show_tags=show_tags))
+        st.html(tokens.render_html(al, vmax, show_tags=show_tags, scale=scale))
     else:
         st.code(str(r["completion"]), language=None, wrap_lines=True)
     st.caption(al.describe())
     if len(al.entropies):
-        fig = figures.entropy_strip(al.entropies, al.spans if al.coloured else [], vmax,
-                                    f"entropy per token · rollout {idx}",
-                                    al.pieces if al.coloured else None)
+        fig = figures.entropy_strip(al.values(scale), al.spans if al.coloured else [], vmax,
+                                    f"{scale.name} per token · rollout {idx}",
+                                    al.pieces if al.coloured else None, scale=scale.key)
         ui.chart(st, fig, key=f"ro_strip_{r['step']}_{r['group_id']}_{idx}")
     with st.expander("raw row"):
-        st.json(json.loads(pd.Series({k: v for k, v in r.items() if k != "token_entropies"})
+        long_lists = ("token_entropies", "token_logprobs")
+        st.json(json.loads(pd.Series({k: v for k, v in r.items() if k not in long_lists})
                            .to_json(default_handler=str)), expanded=False)
 
 

@@ -46,7 +46,7 @@ def overview() -> None:
     } for s in summaries])
     counts = table["status"].str.split().str[-1].value_counts()
     st.caption(" · ".join(f"{data.STATUS_ICONS.get(k, '')} {v} {k}" for k, v in counts.items())
-               + " — tick rows and press *Compare* to select them in the sidebar")
+               + " — tick rows and press *Compare ticked* to select them in the sidebar")
     event = st.dataframe(
         table, key="runs_table", hide_index=True, on_select="rerun",
         selection_mode="multi-row", width="stretch",

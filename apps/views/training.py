@@ -1,11 +1,16 @@
-"""Training: metric curves of the selected runs overlaid, smoothed, by step, tokens or time."""
+"""Training: metric curves of the selected runs overlaid, smoothed, by step, tokens or time.
+
+The charts are grouped in tabs that run lazily (`st.tabs(on_change="rerun")`): only the open
+tab's charts are built and drawn, so the page opens on the Overview's six charts; *All* draws
+every section on one scroll.
+"""
 from __future__ import annotations
 
 import streamlit as st
 from poise_dash import analysis, data, figures, ui
 
 st.title("Training")
-ui.own_query("x")
+ui.own_query("x", "tab")
 refs = ui.require_selection()
 
 #: (section, [(chart title, key patterns, options)]); every key named in docs/run-format.md.
@@ -48,7 +53,33 @@ SECTIONS = [
         ("mean token entropy (nats)", ["response/entropy_mean"], {}),
     ]),
 ]
-SECTION_NAMES = [s for s, _ in SECTIONS] + ["Timing"]
+#: The first tab: the charts a POISE run is judged by, one screenful.
+OVERVIEW = [
+    ("reward (mean over the step's rollouts)", ["reward/mean", "reward/score_mean"], {}),
+    ("held-out accuracy by domain", ["eval/domain/*/accuracy", "eval/accuracy"],
+     {"sparse": True}),
+    ("probe MAE", ["probe/mae"], {}),
+    ("probe Pearson r", ["probe/pearson"], {}),
+    ("variance-reduction ratio 1 − Var(A)/Var(r)", ["adv/var_reduction"], {}),
+    ("gradient norm", ["actor/grad_norm"], {}),
+]
+TABS = ["Overview"] + [s for s, _ in SECTIONS] + ["Timing", "All"]
+
+
+def _slug(name: str) -> str:
+    return name.lower().split()[0].replace("-", "")
+
+
+def _draw(name: str, charts, all_keys, runs, x, smoothing, columns, colours) -> None:
+    charts = [(title, analysis.keys_matching(all_keys, pats), opts) for title, pats, opts in charts]
+    charts = [c for c in charts if c[1]]
+    if not charts:
+        st.caption(f"{name}: nothing logged by the selected runs.")
+        return
+    cols = st.columns(columns)
+    for i, (title, keys, opts) in enumerate(charts):
+        fig = figures.metric_chart(runs, keys, x, smoothing, title, run_colours=colours, **opts)
+        ui.chart(cols[i % columns], fig, key=f"tr_{_slug(name)}_{i}")
 
 
 def body() -> None:
@@ -62,40 +93,37 @@ def body() -> None:
         return
 
     ui.query_default("tr_x", "x", str, lambda v: v in analysis.X_AXES)
-    c1, c2, c3, c4 = st.columns([3, 2, 4, 2])
+    ui.query_default("tr_tab", "tab", lambda v: {_slug(t): t for t in TABS}.get(v),
+                     lambda v: v is not None)
+    c1, c2, c4 = st.columns([3, 2, 2])
     x = c1.radio("x-axis", list(analysis.X_AXES), key="tr_x", horizontal=True,
                  format_func=lambda k: {"step": "step", "tokens": "tokens",
                                         "wall": "wall-clock"}[k])
     smoothing = c2.slider("smoothing", 0.0, 0.95, 0.6, 0.05, key="tr_smooth",
                           help="TensorBoard's debiased exponential moving average; the raw "
                                "values are drawn faintly behind the smoothed lines.")
-    sections = c3.multiselect("sections", SECTION_NAMES, default=SECTION_NAMES, key="tr_sec")
     columns = c4.select_slider("charts per row", [1, 2, 3], value=3, key="tr_cols")
-    ui.set_query(run=[r.label for r in refs], x=x if x != "step" else None)
     colours = ui.run_colours(refs)
     ui.run_key(refs)
 
-    used: set[str] = set()
     all_keys = sorted({k for _, steps in runs for k in steps.columns
                        if not k.startswith("_") and k not in ("step", "time")})
-    for name, charts in SECTIONS:
-        keys_per_chart = [(title, analysis.keys_matching(all_keys, pats), opts)
-                          for title, pats, opts in charts]
-        for _, keys, _ in keys_per_chart:
-            used.update(keys)
-        if name not in sections:
-            continue
-        keys_per_chart = [c for c in keys_per_chart if c[1]]
-        if not keys_per_chart:
-            continue
-        st.subheader(name)
-        cols = st.columns(columns)
-        for i, (title, keys, opts) in enumerate(keys_per_chart):
-            fig = figures.metric_chart(runs, keys, x, smoothing, title, run_colours=colours,
-                                       **opts)
-            ui.chart(cols[i % columns], fig, key=f"tr_{name}_{i}")
-    if "Timing" in sections:
-        _timing(runs, x, colours)
+    used = {k for _, charts in SECTIONS for _, pats, _ in charts
+            for k in analysis.keys_matching(all_keys, pats)}
+    tabs = st.tabs(TABS, key="tr_tab", on_change="rerun")
+    opened = next((name for name, tab in zip(TABS, tabs) if tab.open), TABS[0])
+    ui.set_query(run=[r.label for r in refs], x=x if x != "step" else None,
+                 tab=_slug(opened) if opened != TABS[0] else None)
+    with tabs[TABS.index(opened)]:
+        if opened == "Overview":
+            _draw(opened, OVERVIEW, all_keys, runs, x, smoothing, columns, colours)
+        for name, charts in SECTIONS:
+            if opened in (name, "All"):
+                if opened == "All":
+                    st.subheader(name)
+                _draw(name, charts, all_keys, runs, x, smoothing, columns, colours)
+        if opened in ("Timing", "All"):
+            _timing(runs, x, colours, heading=opened == "All")
 
     st.subheader("More metrics")
     rest = [k for k in all_keys if k not in used and not k.startswith("timing_s/")]
@@ -109,8 +137,9 @@ def body() -> None:
                      key=f"tr_more_{key}")
 
 
-def _timing(runs, x: str, colours: dict[str, str]) -> None:
-    st.subheader("Timing")
+def _timing(runs, x: str, colours: dict[str, str], heading: bool = True) -> None:
+    if heading:
+        st.subheader("Timing")
     cols = st.columns(2)
     ui.chart(cols[0], figures.metric_chart(runs, ["timing_s/step"], x, 0.0, "step time (s)",
                                            run_colours=colours), key="tr_step_time")
