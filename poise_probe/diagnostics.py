@@ -38,7 +38,15 @@ def _ratio_skill(num: float, den: float) -> float:
     return 1.0 - num / den if den > 0 else NAN
 
 
+def _var(x: np.ndarray) -> float:
+    """Population variance, exactly 0 for constant values: np.var([0.3] * 3) is ~1e-34 (the mean
+    rounds), which would turn 1 - num/den into a huge number instead of NaN."""
+    return 0.0 if x.size == 0 or np.ptp(x) == 0 else float(np.var(x))
+
+
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size == 0 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return NAN
     da, db = a - a.mean(), b - b.mean()
     den = math.sqrt(float(da @ da) * float(db @ db))
     return float(da @ db) / den if den > 0 else NAN
@@ -121,12 +129,12 @@ def probe_diagnostics(preds, targets, rewards, group_ids, *, raw_preds=None,
 
     err = p - t
     mse = float(np.mean(err ** 2))
-    var_r = float(np.var(r))
+    var_r = _var(r)
     b = _cross_baseline(p, codes, G)
     sizes = np.bincount(codes, minlength=G)
     gmean = np.bincount(codes, weights=r, minlength=G) / sizes
     s2 = np.bincount(codes, weights=(r - gmean[codes]) ** 2, minlength=G) / (sizes - 1)
-    var_b = float(np.var(b))
+    var_b = _var(b)
     slope = float(np.mean((b - b.mean()) * (r - r.mean()))) / var_b if var_b > 0 else NAN
     p10, p50, p90 = np.percentile(p, [10, 50, 90])
 
@@ -136,7 +144,7 @@ def probe_diagnostics(preds, targets, rewards, group_ids, *, raw_preds=None,
         k + "rmse": math.sqrt(mse),
         k + "bias": float(np.mean(err)),
         k + "pearson": _pearson(p, t),
-        k + "brier_skill": _ratio_skill(mse, float(np.var(t))),
+        k + "brier_skill": _ratio_skill(mse, _var(t)),
         k + "explained_var": _ratio_skill(float(np.var(r - b)), var_r),
         k + "ev_ceiling": _ratio_skill(float(np.mean(s2[codes])), var_r),
         k + "calib_slope": slope,
@@ -191,7 +199,7 @@ def advantage_diagnostics(advantages, baselines, rewards, scale=None,
         k + "std": float(a.std()),
         k + "abs_mean": float(np.abs(a).mean()),
         k + "frac_pos": float(np.mean(a > 0)),
-        k + "var_reduction": _ratio_skill(float(np.var(unscaled)), float(np.var(r))),
+        k + "var_reduction": _ratio_skill(_var(unscaled), _var(r)),
         k + "identity_max_abs_err": float(np.max(np.abs(unscaled + b - r))),
         k + "baseline_mean": float(b.mean()),
     }

@@ -105,6 +105,20 @@ def test_degenerate_cases_return_nan():
         assert math.isnan(same[key]), key
 
 
+def test_constant_fractional_rewards_give_nan_not_huge_skill():
+    """np.var([0.7] * 6) is ~1e-32, not 0 (the mean rounds): a ratio over it must be NaN."""
+    r, g = [0.7] * 6, [0, 0, 1, 1, 2, 2]
+    assert np.var(r) != 0                              # the trap this guards against
+    m = probe_diagnostics([0.6, 0.8, 0.65, 0.75, 0.7, 0.7], [0.7] * 6, r, g)
+    for key in ("probe/brier_skill", "probe/explained_var", "probe/ev_ceiling",
+                "probe/pearson"):
+        assert math.isnan(m[key]), (key, m[key])
+    flat = probe_diagnostics([0.7] * 6, loo_targets([1.0, 0.0] * 3, g), [1.0, 0.0] * 3, g)
+    assert math.isnan(flat["probe/pearson"]) and math.isnan(flat["probe/calib_slope"])
+    a = advantage_diagnostics([0.1, -0.1, 0.0, 0.0], [0.6, 0.8, 0.7, 0.7], [0.7] * 4)
+    assert math.isnan(a["adv/var_reduction"])
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(preds=[0.1, np.nan, 0.3, 0.4]), r"preds contains NaN or inf \(first at index 1\)"),
     (dict(targets=[0.0, 1.0]), "targets has 2 values; expected 4"),
