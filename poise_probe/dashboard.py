@@ -16,8 +16,13 @@ import poise_probe
 
 
 def app_path() -> Path:
-    """apps/dashboard.py of this checkout (the package's parent folder)."""
-    return Path(poise_probe.__file__).resolve().parents[1] / "apps" / "dashboard.py"
+    """apps/dashboard.py of this checkout (the package's parent folder), else the copy a wheel
+    installs under <prefix>/share/poise_probe/apps (pyproject's data-files)."""
+    checkout = Path(poise_probe.__file__).resolve().parents[1] / "apps" / "dashboard.py"
+    if checkout.is_file():
+        return checkout
+    installed = Path(sys.prefix) / "share" / "poise_probe" / "apps" / "dashboard.py"
+    return installed if installed.is_file() else checkout
 
 
 def dashboard_command(run_dir: str | os.PathLike) -> str:
@@ -53,8 +58,9 @@ def build_command(args: argparse.Namespace) -> list[str]:
     app = app_path()
     if not app.is_file():
         raise FileNotFoundError(
-            f"the dashboard app is missing: {app} does not exist. `poise dashboard` needs a "
-            f"source checkout of poise_probe (pip install -e .), whose apps/ folder holds it.")
+            f"the dashboard app is missing: {app} does not exist, nor does "
+            f"{Path(sys.prefix) / 'share/poise_probe/apps/dashboard.py'}. Reinstall poise_probe "
+            f"(pip install -e . from a checkout, or the wheel, which ships apps/).")
     paths = list(args.paths) or ["runs"]
     missing = [p for p in paths if not Path(p).exists()]
     if missing:

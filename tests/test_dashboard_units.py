@@ -331,6 +331,23 @@ def test_launcher_names_a_missing_app(tmp_path, monkeypatch):
         dashboard.build_command(_args(str(tmp_path)))
 
 
+def test_app_path_falls_back_to_the_wheels_share_folder(tmp_path, monkeypatch):
+    """Installed from a wheel (no checkout beside the package), the app is the copy pyproject's
+    data-files put under <prefix>/share/poise_probe/apps."""
+    import poise_probe
+
+    fake_pkg = tmp_path / "site" / "poise_probe" / "__init__.py"
+    monkeypatch.setattr(poise_probe, "__file__", str(fake_pkg))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    with pytest.raises(FileNotFoundError, match="share/poise_probe/apps/dashboard.py"):
+        dashboard.build_command(_args(str(tmp_path)))
+    shipped = tmp_path / "prefix" / "share" / "poise_probe" / "apps" / "dashboard.py"
+    shipped.parent.mkdir(parents=True)
+    shipped.write_text("")
+    assert dashboard.app_path() == shipped
+    assert dashboard.build_command(_args(str(tmp_path)))[4] == str(shipped)
+
+
 def test_dashboard_command_is_what_demo_prints():
     assert dashboard.dashboard_command("runs/demo-20261123-120000") == \
         "poise dashboard runs/demo-20261123-120000"
