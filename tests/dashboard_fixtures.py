@@ -501,6 +501,41 @@ def screenshots(out: Path, paths: list[Path], width: int = 1500) -> list[Path]:
     return saved
 
 
+# --------------------------------------------------------------------------------------------
+# AppTest helpers shared by the dashboard test files
+
+
+def open_app(monkeypatch, *paths, query: dict | None = None, page: str = "runs"):
+    """The app on `paths` (as `poise dashboard PATHS` would pass them) under Streamlit's
+    AppTest, opened on `page` with the URL's `query` (a permalink)."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    st.cache_data.clear()
+    monkeypatch.setenv("POISE_DASHBOARD_PATHS", os.pathsep.join(map(str, paths)))
+    at = AppTest.from_file(str(APP), default_timeout=90)
+    at.run()  # AppTest learns the pages from a first run
+    if page != "runs":
+        at.query_params.clear()
+        at.query_params.update(query or {})
+        at.switch_page(f"views/{page}.py").run()
+    assert_ok(at)
+    return at
+
+
+def assert_ok(at) -> None:
+    errors = [e.value for e in at.exception]
+    assert not errors, "the page raised:\n" + "\n\n".join(map(str, errors))
+
+
+def chart_titles(at) -> list[str]:
+    titles = []
+    for el in at.get("plotly_chart"):
+        title = json.loads(el.proto.spec)["layout"].get("title", {})
+        titles.append(title.get("text", "") if isinstance(title, dict) else str(title))
+    return titles
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "train":
         import torch

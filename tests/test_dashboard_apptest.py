@@ -13,7 +13,7 @@ import dashboard_fixtures as fx
 import numpy as np
 import pandas as pd
 import pytest
-import streamlit as st
+from dashboard_fixtures import assert_ok, chart_titles, open_app
 from streamlit.testing.v1 import AppTest
 
 from poise_probe import rundir
@@ -28,34 +28,6 @@ PAGES = ("runs", "training", "probe", "rollouts", "studies")
 def runs(tiny_model_dir, tmp_path_factory):
     """The fixture runs (trained once per session; see dashboard_fixtures)."""
     return fx.build_fixture_runs(tmp_path_factory.mktemp("dashboard"), tiny_model_dir)
-
-
-def open_app(monkeypatch, *paths, query: dict | None = None, page: str = "runs") -> AppTest:
-    """The app on `paths` (as `poise dashboard PATHS` would pass them), opened on `page` with
-    the URL's `query` (a permalink)."""
-    st.cache_data.clear()
-    monkeypatch.setenv("POISE_DASHBOARD_PATHS", os.pathsep.join(map(str, paths)))
-    at = AppTest.from_file(str(fx.APP), default_timeout=90)
-    at.run()  # AppTest learns the pages from a first run
-    if page != "runs":
-        at.query_params.clear()
-        at.query_params.update(query or {})
-        at.switch_page(f"views/{page}.py").run()
-    assert_ok(at)
-    return at
-
-
-def assert_ok(at: AppTest) -> None:
-    errors = [e.value for e in at.exception]
-    assert not errors, "the page raised:\n" + "\n\n".join(map(str, errors))
-
-
-def chart_titles(at: AppTest) -> list[str]:
-    titles = []
-    for el in at.get("plotly_chart"):
-        title = json.loads(el.proto.spec)["layout"].get("title", {})
-        titles.append(title.get("text", "") if isinstance(title, dict) else str(title))
-    return titles
 
 
 def chart(at: AppTest, title_part: str) -> dict:

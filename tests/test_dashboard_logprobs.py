@@ -4,15 +4,14 @@ log-prob or probability; runs written before the column existed show entropy onl
 from __future__ import annotations
 
 import math
-import os
 
 import dashboard_fixtures as fx
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import streamlit as st
 import torch
+from dashboard_fixtures import assert_ok, chart_titles, open_app
 from streamlit.testing.v1 import AppTest
 
 from poise_probe.rundir import RunReader
@@ -36,39 +35,10 @@ def old_run(lp_run, tmp_path_factory):
     return run
 
 
-# --------------------------------------------------------------------------------------------
-# small AppTest helpers (as in test_dashboard_apptest.py)
-
-
-def open_app(monkeypatch, *paths, page: str = "runs") -> AppTest:
-    st.cache_data.clear()
-    monkeypatch.setenv("POISE_DASHBOARD_PATHS", os.pathsep.join(map(str, paths)))
-    at = AppTest.from_file(str(fx.APP), default_timeout=90)
-    at.run()  # AppTest learns the pages from a first run
-    if page != "runs":
-        at.query_params.clear()
-        at.switch_page(f"views/{page}.py").run()
-    assert_ok(at)
-    return at
-
-
-def assert_ok(at: AppTest) -> None:
-    errors = [e.value for e in at.exception]
-    assert not errors, "the page raised:\n" + "\n\n".join(map(str, errors))
-
-
 def chart_specs(at: AppTest) -> list[dict]:
     import json
 
     return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
-
-
-def chart_titles(at: AppTest) -> list[str]:
-    titles = []
-    for spec in chart_specs(at):
-        title = spec["layout"].get("title", {})
-        titles.append(title.get("text", "") if isinstance(title, dict) else str(title))
-    return titles
 
 
 def html_of(at: AppTest) -> str:
