@@ -1,7 +1,9 @@
 """Advantage estimators: pure functions from rewards (and probe predictions) to advantages.
 
-Every estimator maps one scalar reward per rollout to one scalar advantage per rollout,
-`A_i = (r_i - b_i) / scale_i`; the loss applies A_i to every response token. Rows belong to
+Most estimators map one scalar reward per rollout to one scalar advantage per rollout,
+`A_i = (r_i - b_i) / scale_i`, which the loss applies to every response token. Estimators
+registered with `token_level=True` (critics, segment methods) receive the response mask and
+return (N, T) advantages, one per token. Rows belong to
 prompts through `group_ids` (groups may differ in size and need not be contiguous). Names and
 conventions follow verl's `core_algos.py`; where this module differs, the docstring says so.
 """
@@ -23,6 +25,7 @@ __all__ = [
     "filter_groups",
     "get_adv_estimator",
     "overlong_reward_shaping",
+    "poise_with_bootstrap",
     "register_adv_est",
 ]
 
@@ -31,9 +34,30 @@ __all__ = [
 class AdvantageResult:
     """Per-rollout advantages with the baseline and scale that produced them: A = (r - b) / scale."""
 
-    advantages: Tensor  # (N,) A_i, applied to every response token of rollout i
-    baselines: Tensor  # (N,) b_i
-    scale: Tensor  # (N,) ones when the estimator does not normalise
+    advantages: Tensor  # (N,) A_i for every response token of rollout i, or (N, T) per token
+    baselines: Tensor  # (N,) b_i, or (N, T)
+    scale: Tensor  # advantages' shape; ones when the estimator does not normalise
+
+    @property
+    def token_level(self) -> bool:
+        return self.advantages.ndim == 2
+
+    def per_token(self, mask: Tensor) -> Tensor:
+        """(N, T) advantages, zero where `mask` is 0 (per-rollout ones broadcast over tokens)."""
+        a = self.advantages if self.token_level else self.advantages[:, None].expand(mask.shape)
+        if a.shape != mask.shape:
+            raise ValueError(f"mask must be {tuple(a.shape)} for these advantages; got "
+                             f"{tuple(mask.shape)}.")
+        return torch.where(mask != 0, a, torch.zeros((), dtype=a.dtype, device=a.device))
+
+    def per_sequence(self, mask: Tensor | None = None) -> Tensor:
+        """(N,) advantages: as they are, or the mean over each rollout's counted tokens."""
+        if not self.token_level:
+            return self.advantages
+        if mask is None:
+            raise ValueError("token-level advantages need the response mask to average per rollout.")
+        m = mask.to(self.advantages.dtype)
+        return (self.per_token(mask) * m).sum(-1) / m.sum(-1).clamp_min(1)
 
     def identity_max_abs_err(self, rewards: Tensor) -> float:
         """max_i |A_i * scale_i + b_i - r_i|: the advantage identity check, ~0 up to rounding."""
@@ -47,16 +71,20 @@ class AdvantageResult:
 
 
 ADV_ESTIMATORS: dict[str, Callable[..., AdvantageResult]] = {}
+TOKEN_LEVEL: set[str] = set()  # estimators that take `response_mask` and return (N, T)
 
 
-def register_adv_est(name: str):
-    """Decorator adding an estimator `fn(rewards, group_ids, *, preds=None, epsilon=1e-6)` to the registry."""
+def register_adv_est(name: str, *, token_level: bool = False):
+    """Decorator adding an estimator `fn(rewards, group_ids, *, preds=None, epsilon=1e-6)` to the
+    registry; a `token_level` one also takes `response_mask` (N, T) and returns (N, T)."""
 
     def deco(fn: Callable[..., AdvantageResult]) -> Callable[..., AdvantageResult]:
         if name in ADV_ESTIMATORS:
             raise ValueError(f"advantage estimator {name!r} is already registered "
                              f"({ADV_ESTIMATORS[name].__qualname__}); pick another name.")
         ADV_ESTIMATORS[name] = fn
+        if token_level:
+            TOKEN_LEVEL.add(name)
         return fn
 
     return deco
@@ -71,9 +99,53 @@ def get_adv_estimator(name: str) -> Callable[..., AdvantageResult]:
 
 
 def compute_advantages(name: str, rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None = None,
-                       epsilon: float = 1e-6) -> AdvantageResult:
-    """Run estimator `name` on rewards (N,) grouped by prompt ids (N,); preds (N,) only for poise."""
-    return get_adv_estimator(name)(rewards, group_ids, preds=preds, epsilon=epsilon)
+                       epsilon: float = 1e-6, response_mask: Tensor | None = None) -> AdvantageResult:
+    """Run estimator `name` on rewards (N,) grouped by prompt ids (N,); preds (N,) only for poise;
+    `response_mask` (N, T) is passed to token-level estimators (and required by them)."""
+    fn = get_adv_estimator(name)
+    if name not in TOKEN_LEVEL:
+        return fn(rewards, group_ids, preds=preds, epsilon=epsilon)
+    if response_mask is None or response_mask.ndim != 2 or response_mask.shape[0] != rewards.shape[0]:
+        got = None if response_mask is None else tuple(response_mask.shape)
+        raise ValueError(f"{name} gives one advantage per token and needs response_mask of shape "
+                         f"(N={rewards.shape[0]}, T); got {got}.")
+    out = fn(rewards, group_ids, preds=preds, epsilon=epsilon, response_mask=response_mask)
+    if out.advantages.shape != response_mask.shape:
+        raise ValueError(f"token-level estimator {name} returned advantages of shape "
+                         f"{tuple(out.advantages.shape)}; expected {tuple(response_mask.shape)}.")
+    return out
+
+
+def poise_with_bootstrap(rewards: Tensor, group_ids: Tensor, preds: Tensor,
+                         probe_ready: Tensor) -> tuple[AdvantageResult, Tensor]:
+    """POISE advantages where the probe may be used, RLOO's sibling-reward baseline elsewhere.
+
+    `probe_ready` (N,) bool is true where the rollout's probe is fitted and the bootstrap period
+    is over. A prompt group uses POISE only when every rollout in it is ready (the baseline of
+    rollout i comes from its siblings, so a group is one kind); other groups use RLOO, the
+    spec's bootstrap (POISE.md, "Bootstrap"). Predictions of groups not using the probe are
+    ignored (they may be NaN). Returns (advantages, used (N,) bool).
+    Example: rewards [1, 0 | 1, 1], preds [.2, .4 | .3, .5], ready [T, T | T, F]
+    -> baselines [.4, .2 | 1, 1] (group 2 falls back to the sibling's reward), used [T, T | F, F].
+    """
+    rewards, group_ids = _check_rewards(rewards, group_ids, 0.0)
+    ready = torch.as_tensor(probe_ready, dtype=torch.bool, device=rewards.device)
+    if ready.shape != rewards.shape:
+        raise ValueError(f"probe_ready must have the rewards' shape {tuple(rewards.shape)}; got "
+                         f"{tuple(ready.shape)}.")
+    _, inverse, _ = _group_index(group_ids)
+    n_groups = int(inverse.max()) + 1
+    not_ready = torch.zeros(n_groups, dtype=torch.long, device=rewards.device)
+    not_ready.index_add_(0, inverse, (~ready).long())
+    used = not_ready[inverse] == 0                                       # (N,)
+    out = rloo_advantage(rewards, group_ids)
+    if bool(used.any()):
+        p = torch.as_tensor(preds, device=rewards.device).to(rewards.dtype)
+        pz = poise_advantage(rewards[used], group_ids[used], preds=p[used])
+        out.advantages[used] = pz.advantages
+        out.baselines[used] = pz.baselines
+        out.scale[used] = pz.scale
+    return out, used
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -12,13 +13,14 @@ from typing import Any
 import yaml
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+ROLLOUT_ENGINES = ("hf", "vllm")
 
 
 @dataclass
 class ModelConfig:
     path: str = "tiny-reasoner"          # local save_pretrained directory or 'tiny-reasoner'
     dtype: str = "auto"                  # auto: fp32 weights, bf16 autocast on CUDA | float32 | bfloat16
-    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N (cuda: stop if there is none)
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
@@ -56,7 +58,13 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_completion_length: int = 96      # max new tokens
-    generation_batch_size: int = 256
+    generation_batch_size: int = 256     # rows per generation batch at most (hf engine)
+    max_batch_tokens: int | None = None  # and at most this many prompt + new tokens per batch
+    engine: str = "hf"                   # hf (transformers generate) | vllm (colocated vllm.LLM)
+    gpu_memory_utilization: float = 0.5  # vllm: share of GPU memory it may take (weights + KV)
+    is_correction: bool | None = None    # truncated IS on pi_trainer/pi_engine; None: on for vllm
+    is_cap: float = 2.0                  # ceiling of the truncated importance weight
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # more vllm.LLM(...) arguments
 
     def __post_init__(self):
         _positive("rollout.prompts_per_step", self.prompts_per_step)
@@ -68,6 +76,21 @@ class RolloutConfig:
             raise ValueError(f"rollout.top_p must be in (0, 1]; got {self.top_p}.")
         _positive("rollout.max_completion_length", self.max_completion_length)
         _positive("rollout.generation_batch_size", self.generation_batch_size)
+        if self.max_batch_tokens is not None:
+            _positive("rollout.max_batch_tokens", self.max_batch_tokens)
+        _choice("rollout.engine", self.engine, ROLLOUT_ENGINES)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1] (the share of "
+                             f"device memory vLLM may take); got {self.gpu_memory_utilization}.")
+        if not (math.isfinite(self.is_cap) and self.is_cap >= 1):
+            raise ValueError(f"rollout.is_cap must be a finite number >= 1 (the truncated "
+                             f"importance weight's ceiling; verl and TRL use 2 to 3); got "
+                             f"{self.is_cap}.")
+
+    @property
+    def use_is_correction(self) -> bool:
+        """The effective `is_correction`: as set, else on for vllm and off for hf."""
+        return self.engine != "hf" if self.is_correction is None else self.is_correction
 
 
 @dataclass

@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from poise_probe.generation import sample_completions
+from poise_probe.generation import encode_prompts, sample_completions
 from poise_probe.tasks import get_task
 from poise_probe.tasks.base import Task
 
@@ -40,8 +40,11 @@ def summarize_rewards(rewards: np.ndarray) -> dict[str, float]:
 def evaluate(model, tokenizer, tasks: Sequence[str | Task], *, n: int = 100, samples: int = 8,
              temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128,
              batch_size: int = 256, seed: int = 0, split: str = "test",
-             progress: Callable[[int], None] | None = None) -> dict:
+             progress: Callable[[int], None] | None = None, engine=None) -> dict:
     """Sample `samples` completions for `n` held-out prompts of each task and score them.
+
+    With a rollout `engine` (poise_probe.rollout) it samples, not `model` (which may be None);
+    `batch_size` and `progress` then belong to the engine.
 
     Returns `{"overall": {...}, "tasks": {name: {...}}, "domains": {domain: {...}}}`; overall
     and domain entries pool the prompts of their tasks.
@@ -52,10 +55,17 @@ def evaluate(model, tokenizer, tasks: Sequence[str | Task], *, n: int = 100, sam
     for spec in tasks:
         task = get_task(spec) if isinstance(spec, str) else spec
         examples = task.sample(n, seed=seed, split=split)
-        comps = sample_completions(model, tokenizer, [e.prompt for e in examples], samples,
-                                   temperature=temperature, top_p=top_p,
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   seed=seed, progress=progress)
+        if engine is not None:
+            from poise_probe.rollout import SamplingSettings
+
+            comps = engine.generate(encode_prompts(tokenizer, [e.prompt for e in examples]),
+                                    samples, SamplingSettings(temperature, top_p, max_new_tokens),
+                                    seed=seed)
+        else:
+            comps = sample_completions(model, tokenizer, [e.prompt for e in examples], samples,
+                                       temperature=temperature, top_p=top_p,
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                       seed=seed, progress=progress)
         flat_c = [c for row in comps.texts for c in row]
         flat_e = [e for e in examples for _ in range(samples)]
         rewards = np.array(task.score_many(flat_c, flat_e), dtype=float).reshape(n, samples)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from poise_probe.tasks.base import Messages, as_messages
 
@@ -17,6 +17,9 @@ class Completions:
     texts: list[list[str]]
     token_ids: list[list[list[int]]]   # generated ids, EOS included when it was produced
     truncated: list[list[bool]]        # True where max_new_tokens ran out before EOS
+    # the engine's log softmax(logits / T) at each sampled token, [prompt][sample][token];
+    # None where the engine did not report them
+    log_probs: list[list[list[float]]] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -38,14 +41,20 @@ def encode_prompts(tokenizer, prompts: Sequence[str | Messages]) -> list[list[in
 
 
 @torch.no_grad()
-def sample_completions(model, tokenizer, prompts: Sequence[str | Messages], num_samples: int = 1,
-                       *, temperature: float = 1.0, top_p: float = 1.0,
+def sample_completions(model, tokenizer, prompts: Sequence[str | Messages] | None,
+                       num_samples: int = 1, *, temperature: float = 1.0, top_p: float = 1.0,
                        max_new_tokens: int = 128, batch_size: int = 256, seed: int = 0,
-                       progress=None, prompt_ids: list[list[int]] | None = None) -> Completions:
+                       progress=None, prompt_ids: list[list[int]] | None = None,
+                       max_batch_tokens: int | None = None,
+                       with_log_probs: bool = False) -> Completions:
     """Sample `num_samples` completions for each prompt, batching rows of similar length.
 
     `progress`, if given, is called with the number of completions finished after each batch;
-    `prompt_ids` may pass the already-encoded prompts (see `encode_prompts`).
+    `prompt_ids` may pass the already-encoded prompts (see `encode_prompts`), and then
+    `prompts` may be None. A batch holds at most `batch_size` rows and, with
+    `max_batch_tokens`, at most that many prompt + new tokens (the KV cache's bound).
+    `with_log_probs` also records log softmax(logits / T) at each sampled token, streamed
+    step by step (one (B, V) buffer, not the whole (B, T, V) score history).
     Sampling is deterministic for a fixed seed, batch size and device.
     """
     if num_samples < 1:
@@ -54,13 +63,20 @@ def sample_completions(model, tokenizer, prompts: Sequence[str | Messages], num_
         raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}.")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1]; got {top_p}.")
+    if max_batch_tokens is not None and max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be >= 1 (or None); got {max_batch_tokens}.")
+    if prompt_ids is None and prompts is None:
+        raise ValueError("sample_completions needs prompts or prompt_ids; got neither.")
     encoded = prompt_ids if prompt_ids is not None else encode_prompts(tokenizer, prompts)
-    if len(encoded) != len(prompts):
+    if prompts is not None and len(encoded) != len(prompts):
         raise ValueError(f"prompt_ids has {len(encoded)} rows for {len(prompts)} prompts.")
-    texts = prompts
-    rows = sorted(((i, k) for i in range(len(texts)) for k in range(num_samples)),
+    n_prompts = len(encoded)
+    rows = sorted(((i, k) for i in range(n_prompts) for k in range(num_samples)),
                   key=lambda r: (len(encoded[r[0]]), r))  # similar lengths share a batch
+    batches = plan_batches([len(encoded[i]) for i, _ in rows], max_new_tokens, batch_size,
+                           max_batch_tokens)
     out_ids: dict[tuple[int, int], list[int]] = {}
+    out_lps: dict[tuple[int, int], list[float]] | None = {} if with_log_probs else None
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -77,32 +93,86 @@ def sample_completions(model, tokenizer, prompts: Sequence[str | Messages], num_
     # generate() fills unset fields from model.generation_config: swap it out while sampling
     model.generation_config = gen_config
     try:
-        _generate_rows(model, tokenizer, rows, encoded, batch_size, gen, gen_config, device,
-                       eos, out_ids, progress)
+        _generate_rows(model, tokenizer, rows, batches, encoded, gen, gen_config, device,
+                       eos, out_ids, out_lps, temperature if do_sample else 1.0, progress)
     finally:
         model.train(was_training)
         model.generation_config = model_config
-    token_ids = [[out_ids[(i, k)] for k in range(num_samples)] for i in range(len(texts))]
+    keys = [[(i, k) for k in range(num_samples)] for i in range(n_prompts)]
+    token_ids = [[out_ids[key] for key in row] for row in keys]
     return Completions(
         texts=[[tokenizer.decode(ids, skip_special_tokens=True) for ids in row]
                for row in token_ids],
         token_ids=token_ids,
-        truncated=[[not ids or ids[-1] not in eos for ids in row] for row in token_ids])
+        truncated=[[not ids or ids[-1] not in eos for ids in row] for row in token_ids],
+        log_probs=None if out_lps is None else [[out_lps[key] for key in row] for row in keys])
 
 
-def _generate_rows(model, tokenizer, rows, encoded, batch_size, gen, gen_config, device, eos,
-                   out_ids, progress) -> None:
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+def plan_batches(prompt_lens: Sequence[int], max_new_tokens: int, batch_size: int,
+                 max_batch_tokens: int | None = None) -> list[slice]:
+    """Consecutive row slices of at most `batch_size` rows and, with `max_batch_tokens`, at
+    most that many padded prompt + new tokens (rows sorted by prompt length keep it tight).
+    A single row longer than the budget still gets a batch of its own."""
+    out, start = [], 0
+    while start < len(prompt_lens):
+        stop, widest = start, 0
+        while stop < len(prompt_lens) and stop - start < batch_size:
+            w = max(widest, prompt_lens[stop])
+            if (max_batch_tokens is not None and stop > start
+                    and (stop - start + 1) * (w + max_new_tokens) > max_batch_tokens):
+                break
+            widest, stop = w, stop + 1
+        out.append(slice(start, stop))
+        start = stop
+    return out
+
+
+class _SampledLogProbs(LogitsProcessor):
+    """Records log softmax(logits / T) of each sampled token while `generate` runs.
+
+    Custom processors run before the sampling warpers, so `scores` are the model's raw logits;
+    the token sampled from step t is `input_ids[:, -1]` at step t + 1 (and, for the last step,
+    read after `generate` returns). Scores pass through unchanged.
+    """
+
+    def __init__(self, temperature: float):
+        self.t = temperature
+        self.prev: torch.Tensor | None = None      # (B, V) log-probs of the step before
+        self.steps: list[torch.Tensor] = []        # (B,) per generated token
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.prev = torch.log_softmax(scores.float() / self.t, dim=-1)
+        return scores
+
+    def finish(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """(B, S) log-probs of the S generated tokens `new_ids`."""
+        if self.prev is not None and len(self.steps) < new_ids.shape[1]:
+            self.steps.append(self.prev.gather(-1, new_ids[:, -1:]).squeeze(-1))
+        if not self.steps:
+            return torch.zeros(new_ids.shape, dtype=torch.float32)
+        return torch.stack(self.steps, dim=1).cpu()
+
+
+def _generate_rows(model, tokenizer, rows, batches, encoded, gen, gen_config, device, eos,
+                   out_ids, out_lps, temperature, progress) -> None:
+    for part in batches:
+        chunk = rows[part]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i, _ in chunk]},
                               padding=True, return_tensors="pt", padding_side="left")
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        recorder = _SampledLogProbs(temperature) if out_lps is not None else None
         out = model.generate(input_ids=batch["input_ids"].to(device),
                              attention_mask=batch["attention_mask"].to(device),
-                             generation_config=gen_config)
-        new = out[:, batch["input_ids"].shape[1]:].tolist()
-        for (i, k), ids in zip(chunk, new):
+                             generation_config=gen_config,
+                             logits_processor=LogitsProcessorList([recorder]) if recorder else None)
+        new_t = out[:, batch["input_ids"].shape[1]:]
+        lps = recorder.finish(new_t).tolist() if recorder is not None else None
+        for j, ((i, k), ids) in enumerate(zip(chunk, new_t.tolist())):
             out_ids[(i, k)] = _strip_after_eos(ids, eos)
+            if lps is not None:
+                out_lps[(i, k)] = lps[j][:len(out_ids[(i, k)])]
         if progress is not None:
             progress(len(chunk))
 

@@ -17,10 +17,12 @@ __all__ = [
     "agg_loss",
     "entropy_from_logits",
     "kl_penalty",
+    "logprob_mismatch",
     "masked_mean",
     "masked_sum",
     "policy_loss",
     "token_log_probs",
+    "truncated_is_weights",
 ]
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
@@ -93,6 +95,7 @@ def policy_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, ma
                 clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.28, clip_ratio_c: float = 10.0,
                 log_ratio_clamp: float = 20.0, loss_agg_mode: str = "token-mean",
                 num_tokens: float | None = None, num_seqs: float | None = None,
+                token_weights: Tensor | None = None,
                 ) -> tuple[Tensor, dict[str, float]]:
     """PPO clipped surrogate with clip-higher and dual clip; log-probs (B, T), advantages (B,) or (B, T).
 
@@ -106,6 +109,8 @@ def policy_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, ma
     actor/approx_kl (k1: mean of logp_old - logp over counted tokens, an estimate of
     KL(pi_old || pi) on old-policy samples; verl's ppo_kl), actor/approx_kl_k3 (k3 of the same),
     actor/ratio_mean, actor/ratio_max. An empty mask gives 0 for every metric.
+    `token_weights` (B, T), if given, multiply each token's loss before aggregation (no
+    gradient flows into them): the rollout correction of `truncated_is_weights`.
     """
     if not (0.0 < clip_ratio_low < 1.0):
         raise ValueError(f"clip_ratio_low must be in (0, 1) (the ratio floor is 1 - clip_ratio_low); "
@@ -140,6 +145,12 @@ def policy_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, ma
     loss_ppo = torch.maximum(loss_unclipped, loss_clipped)
     loss_dual = torch.minimum(loss_ppo, -adv * clip_ratio_c)
     loss_mat = torch.where(adv < 0, loss_dual, loss_ppo)  # (B, T)
+    if token_weights is not None:
+        if token_weights.shape != log_probs.shape:
+            raise ValueError(f"token_weights must have log_probs' shape {tuple(log_probs.shape)}; "
+                             f"got {tuple(token_weights.shape)}.")
+        w = torch.where(counted, token_weights.detach().to(loss_mat.dtype), zero)
+        loss_mat = loss_mat * w
     loss = agg_loss(loss_mat, mask, loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs)
 
     with torch.no_grad():
@@ -254,3 +265,58 @@ def token_log_probs(logits: Tensor, labels: Tensor, temperature: float = 1.0, *,
         parts.append(z.gather(-1, flat_labels[sl]).squeeze(-1) - torch.logsumexp(z, dim=-1))
     out = torch.cat(parts) if parts else flat.new_zeros(0, dtype=out_dtype)
     return out.reshape(labels.shape)
+
+
+def truncated_is_weights(old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor, *,
+                         cap: float = 2.0) -> tuple[Tensor, dict[str, float]]:
+    """Per-token truncated importance weights min(pi_trainer / pi_engine, cap), (B, T), no grad.
+
+    The rollout engine (vLLM, other kernels or precision) samples from a slightly different
+    distribution than the trainer scores; weighting each token's PPO loss by the trainer/engine
+    ratio, truncated at `cap`, corrects that bias with bounded variance (verl's token-level TIS,
+    TRL's `vllm_importance_sampling_correction`; Yao et al. 2025). Masked tokens get weight 0.
+    Metrics: rollout/is_weight_mean, rollout/is_weight_max (before truncation) and
+    rollout/is_clip_frac (share of counted tokens at the cap).
+    """
+    if not (math.isfinite(cap) and cap > 0):
+        raise ValueError(f"rollout.is_cap must be a positive number (the importance-weight "
+                         f"ceiling, e.g. 2.0); got {cap}.")
+    for name, t in (("rollout_log_probs", rollout_log_probs), ("mask", mask)):
+        if t.shape != old_log_probs.shape:
+            raise ValueError(f"{name} must have old_log_probs' shape "
+                             f"{tuple(old_log_probs.shape)}; got {tuple(t.shape)}.")
+    counted = mask != 0
+    with torch.no_grad():
+        diff = torch.where(counted, old_log_probs.float() - rollout_log_probs.float(), 0.0)
+        raw = torch.exp(diff.clamp(-20.0, 20.0))
+        w = torch.where(counted, raw.clamp(max=cap), 0.0)
+        any_counted = bool(counted.any())
+        metrics = {
+            "rollout/is_weight_mean": float(masked_mean(w, mask)),
+            "rollout/is_weight_max": float(raw[counted].max()) if any_counted else 0.0,
+            "rollout/is_clip_frac": float(masked_mean((raw > cap).float(), mask)),
+        }
+    return w, metrics
+
+
+def logprob_mismatch(trainer_log_probs: Tensor, engine_log_probs: Tensor,
+                     mask: Tensor) -> dict[str, float]:
+    """How far the engine's sampled-token log-probs are from the trainer's, over counted tokens.
+
+    rollout/logprob_abs_diff_mean and _max: |log pi_trainer - log pi_engine|; verl users watch
+    these to catch a broken weight sync (a jump to O(1) means the engine samples another
+    policy). rollout/prob_abs_diff_mean: the same in probabilities.
+    """
+    if engine_log_probs.shape != trainer_log_probs.shape or mask.shape != trainer_log_probs.shape:
+        raise ValueError(f"engine_log_probs and mask must have the trainer log-probs' shape "
+                         f"{tuple(trainer_log_probs.shape)}; got {tuple(engine_log_probs.shape)} "
+                         f"and {tuple(mask.shape)}.")
+    counted = mask != 0
+    if not bool(counted.any()):
+        return {"rollout/logprob_abs_diff_mean": 0.0, "rollout/logprob_abs_diff_max": 0.0,
+                "rollout/prob_abs_diff_mean": 0.0}
+    a, b = trainer_log_probs.detach().float(), engine_log_probs.detach().float()
+    d = (a - b).abs()
+    return {"rollout/logprob_abs_diff_mean": float(masked_mean(d, mask)),
+            "rollout/logprob_abs_diff_max": float(d[counted].max()),
+            "rollout/prob_abs_diff_mean": float(masked_mean((a.exp() - b.exp()).abs(), mask))}

@@ -36,7 +36,9 @@ from poise_probe import __version__
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# version 2 only added rollout columns and meta keys, so a version-1 run can be continued
+_RESUMABLE_VERSIONS = (1, 2)
 STATUSES = ("running", "finished", "failed")
 
 # Required rollout columns and their on-disk types, in file order; extra columns follow them.
@@ -553,9 +555,11 @@ class RunWriter:
 
     def _resume(self, config_text: str, meta: dict, commit: str | None) -> None:
         old_meta = _read_meta(self.run_dir)
-        if old_meta["schema_version"] != SCHEMA_VERSION:
-            raise ValueError(f"{self.run_dir} has schema_version {old_meta['schema_version']}; "
-                             f"this poise_probe writes {SCHEMA_VERSION}; start a new run instead")
+        old_version = old_meta["schema_version"]
+        if old_version not in _RESUMABLE_VERSIONS:
+            raise ValueError(f"{self.run_dir} has schema_version {old_version}; this poise_probe "
+                             f"writes {SCHEMA_VERSION} and resumes {list(_RESUMABLE_VERSIONS)}; "
+                             f"start a new run instead")
         old_status = {}
         if self._path("status.json").exists():
             old_status = _read_json(self._path("status.json"))
@@ -575,6 +579,9 @@ class RunWriter:
                    "version": __version__, "git_commit": commit,
                    "last_step": self._status["last_step"],
                    "changed": {k: v for k, v in meta.items() if old_meta.get(k) != v}}
+        if old_version != SCHEMA_VERSION:  # later steps carry the newer columns
+            resumed["schema_version_from"] = old_version
+            old_meta["schema_version"] = SCHEMA_VERSION
         old_meta["resumes"] = [*old_meta.get("resumes", []), resumed]
         atomic_write_json(self._path("meta.json"), old_meta)
 

@@ -348,3 +348,93 @@ def test_overlong_reward_shaping_bad_args(kwargs, match):
 def test_overlong_reward_shaping_negative_length():
     with pytest.raises(ValueError, match="lengths must be >= 0"):
         overlong_reward_shaping(torch.tensor([-1]), max_len=10, buffer_len=4)
+
+
+# ------------------------------------------------------------------ POISE bootstrap splice
+
+def test_poise_with_bootstrap_hand_vector():
+    from poise_probe.advantages import poise_with_bootstrap
+
+    r = t([1.0, 0.0, 1.0, 1.0])
+    g = ids([0, 0, 1, 1])
+    preds = t([0.2, 0.4, 0.3, float("nan")])          # NaN in a group that cannot use the probe
+    ready = torch.tensor([True, True, True, False])
+    out, used = poise_with_bootstrap(r, g, preds, ready)
+    torch.testing.assert_close(out.baselines, t([0.4, 0.2, 1.0, 1.0]))
+    torch.testing.assert_close(out.advantages, t([0.6, -0.2, 0.0, 0.0]))
+    assert used.tolist() == [True, True, False, False]
+    assert out.identity_max_abs_err(r) < 1e-6
+
+
+def test_poise_with_bootstrap_limits_are_poise_and_rloo():
+    from poise_probe.advantages import poise_with_bootstrap
+
+    torch.manual_seed(1)
+    r = torch.randint(0, 2, (12,)).float()
+    g = ids([3, 0, 3, 1, 0, 1, 2, 2, 5, 5, 3, 0])      # interleaved, not contiguous
+    p = torch.rand(12)
+    full, used = poise_with_bootstrap(r, g, p, torch.ones(12, dtype=torch.bool))
+    assert used.all()
+    torch.testing.assert_close(full.advantages, compute_advantages("poise", r, g, preds=p).advantages)
+    none, used = poise_with_bootstrap(r, g, p, torch.zeros(12, dtype=torch.bool))
+    assert not used.any()
+    torch.testing.assert_close(none.advantages, compute_advantages("rloo", r, g).advantages)
+    # one unready rollout sends its whole group (id 3) to RLOO, and no other group
+    ready = torch.ones(12, dtype=torch.bool)
+    ready[2] = False
+    mixed, used = poise_with_bootstrap(r, g, p, ready)
+    assert used.tolist() == [x != 3 for x in g.tolist()]
+    rloo = compute_advantages("rloo", r, g).advantages
+    torch.testing.assert_close(mixed.advantages[~used], rloo[~used])
+    torch.testing.assert_close(mixed.advantages[used], full.advantages[used])
+
+
+def test_poise_with_bootstrap_rejects_bad_masks_and_nan_where_used():
+    from poise_probe.advantages import poise_with_bootstrap
+
+    with pytest.raises(ValueError, match="probe_ready"):
+        poise_with_bootstrap(t([1.0, 0.0]), ids([0, 0]), t([0.1, 0.2]), torch.tensor([True]))
+    with pytest.raises(ValueError, match="preds must be finite"):
+        poise_with_bootstrap(t([1.0, 0.0]), ids([0, 0]), t([0.1, float("nan")]),
+                             torch.tensor([True, True]))
+
+
+# ------------------------------------------------------------------ token-level estimators
+
+def _register_token_level():
+    from poise_probe.advantages import TOKEN_LEVEL
+
+    name = "test_token_decay"
+    if name not in ADV_ESTIMATORS:
+        @register_adv_est(name, token_level=True)
+        def _decay(rewards, group_ids, *, preds=None, epsilon=1e-6, response_mask=None):
+            """RLOO's advantage, halved at every later token: a per-token estimator for tests."""
+            base = compute_advantages("rloo", rewards, group_ids)
+            steps = torch.arange(response_mask.shape[1], dtype=rewards.dtype)
+            decay = 0.5 ** steps                                          # (T,)
+            a = base.advantages[:, None] * decay[None, :] * response_mask
+            b = rewards[:, None] - a
+            return AdvantageResult(a, b, torch.ones_like(a))
+    assert name in TOKEN_LEVEL
+    return name
+
+
+def test_token_level_estimator_gets_the_mask_and_returns_per_token():
+    name = _register_token_level()
+    r, g = t([1.0, 0.0]), ids([0, 0])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]]).float()
+    out = compute_advantages(name, r, g, response_mask=mask)
+    assert out.token_level and out.advantages.shape == (2, 3)
+    torch.testing.assert_close(out.advantages, t([[1.0, 0.5, 0.25], [-1.0, -0.5, 0.0]]))
+    torch.testing.assert_close(out.per_sequence(mask), t([1.75 / 3, -0.75]))
+    torch.testing.assert_close(out.per_token(mask), out.advantages)
+    with pytest.raises(ValueError, match="response_mask"):
+        compute_advantages(name, r, g)
+
+
+def test_per_rollout_advantages_broadcast_over_tokens():
+    out = compute_advantages("rloo", t([1.0, 0.0]), ids([0, 0]))
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).float()
+    assert not out.token_level
+    torch.testing.assert_close(out.per_token(mask), t([[1.0, 1.0, 0.0], [-1.0, 0.0, 0.0]]))
+    assert out.per_sequence(mask) is out.advantages

@@ -18,7 +18,7 @@ from poise_probe.rundir import RunReader
 from poise_probe.tasks import TASKS, register_task
 from poise_probe.tasks.builtin import ArithTask
 
-STAGES = ("gen", "reward", "old_log_prob", "probe", "adv", "update")
+STAGES = ("gen", "reward", "old_log_prob", "probe", "adv", "update", "sync")
 
 
 class ParityTask(ArithTask):
@@ -136,7 +136,7 @@ def test_probe_never_sees_the_batch_before_its_baselines(tiny_model_dir, tmp_pat
 
     events = []
     real_predict, real_update, real_adv = ProbeBank.predict, ProbeBank.update, \
-        tr.compute_advantages
+        tr.step_advantages
 
     def predict(self, features, domains):
         events.append(("predict", features.shape[0], hash(features.tobytes())))
@@ -152,7 +152,7 @@ def test_probe_never_sees_the_batch_before_its_baselines(tiny_model_dir, tmp_pat
 
     monkeypatch.setattr(ProbeBank, "predict", predict)
     monkeypatch.setattr(ProbeBank, "update", update)
-    monkeypatch.setattr(tr, "compute_advantages", adv)
+    monkeypatch.setattr(tr, "step_advantages", adv)
     run(tiny_model_dir, tmp_path / "run")
     kinds = [e[0] for e in events]
     # per step: predict, then the advantages, then (only then) this batch enters the buffer
