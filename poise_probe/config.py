@@ -61,7 +61,8 @@ class RolloutConfig:
     generation_batch_size: int = 256     # rows per generation batch at most (hf engine)
     max_batch_tokens: int | None = None  # and at most this many prompt + new tokens per batch
     engine: str = "hf"                   # hf (transformers generate) | vllm (colocated vllm.LLM)
-    gpu_memory_utilization: float = 0.5  # vllm: share of GPU memory it may take (weights + KV)
+    gpu_memory_utilization: float | None = None  # vllm: share of GPU memory (CPU: of RAM, for
+    #                                      the KV cache) it takes; None: 0.3 on CUDA, 0.15 on CPU
     is_correction: bool | None = None    # truncated IS on pi_trainer/pi_engine; None: on for vllm
     is_cap: float = 2.0                  # ceiling of the truncated importance weight
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # more vllm.LLM(...) arguments
@@ -79,7 +80,7 @@ class RolloutConfig:
         if self.max_batch_tokens is not None:
             _positive("rollout.max_batch_tokens", self.max_batch_tokens)
         _choice("rollout.engine", self.engine, ROLLOUT_ENGINES)
-        if not 0 < self.gpu_memory_utilization <= 1:
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1] (the share of "
                              f"device memory vLLM may take); got {self.gpu_memory_utilization}.")
         if not (math.isfinite(self.is_cap) and self.is_cap >= 1):

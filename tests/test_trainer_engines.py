@@ -85,7 +85,8 @@ def test_gpu_recipe_without_cuda_stops_unless_device_is_set(tiny_model_dir, tmp_
 def test_vllm_engine_without_vllm_says_how_to_get_it(tiny_model_dir, tmp_path):
     import importlib.util
 
-    if importlib.util.find_spec("vllm") is not None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is not None and spec.origin is not None:  # not a namespace (a folder named vllm)
         pytest.skip("vllm is installed here; tests/vllm covers it")
     with pytest.raises(ImportError, match="vllm-env"):
         run(tiny_model_dir, tmp_path / "v", **{"rollout.engine": "vllm"})

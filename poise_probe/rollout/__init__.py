@@ -5,6 +5,7 @@ from pathlib import Path
 
 from poise_probe.rollout.base import RolloutEngine, SamplingSettings
 from poise_probe.rollout.hf import HFEngine
+from poise_probe.rollout.memory import kv_bytes_per_token
 
 __all__ = ["HFEngine", "RolloutEngine", "SamplingSettings", "make_engine", "sampling_settings"]
 
@@ -26,12 +27,17 @@ def make_engine(cfg, model, tokenizer, device, autocast=None) -> RolloutEngine:
         from poise_probe.models import resolve_model_path
         from poise_probe.rollout.vllm_engine import VLLMEngine
 
-        engine = VLLMEngine(
-            str(resolve_model_path(cfg.model.path)), tokenizer=tokenizer,
-            dtype=_vllm_dtype(cfg, device), device=str(device),
-            gpu_memory_utilization=r.gpu_memory_utilization,
-            max_num_batched_tokens=r.max_batch_tokens, seed=cfg.trainer.seed,
-            **r.engine_kwargs)
+        dtype = _vllm_dtype(cfg, device)
+        kwargs = {"max_model_len": r.max_completion_length + 2048}  # prompt + completion
+        if r.max_batch_tokens is not None:
+            # the token budget is the KV cache: at most that many tokens in flight; vLLM queues
+            # the other requests (continuous batching), as the hf engine splits batches
+            kwargs["kv_cache_memory_bytes"] = r.max_batch_tokens * kv_bytes_per_token(
+                model.config, dtype)
+        kwargs.update(r.engine_kwargs)
+        engine = VLLMEngine(str(resolve_model_path(cfg.model.path)), tokenizer=tokenizer,
+                            dtype=dtype, gpu_memory_utilization=r.gpu_memory_utilization,
+                            seed=cfg.trainer.seed, **kwargs)
         engine.sync_weights(model)  # a resumed or already-updated policy, not the files on disk
         return engine
     raise ValueError(f"rollout.engine must be one of ['hf', 'vllm']; got {r.engine!r}.")
