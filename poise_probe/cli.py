@@ -61,6 +61,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if "
                                                   "available, else cpu)")
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="rollout engine: hf (transformers generate, default) or vllm (needs the "
+                        "vLLM environment: make vllm-env)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_run_eval)
 
@@ -83,16 +86,28 @@ def _run_eval(args) -> int:
     tasks = [get_task(n) for n in names]  # fail on a bad name before loading the model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_policy(args.model, device=device)
-    with tqdm(total=args.n * args.samples * len(tasks), desc="eval", unit="completion",
-              file=sys.stderr) as bar:
-        report = evaluate(model, tokenizer, tasks, n=args.n, samples=args.samples,
-                          temperature=args.temperature, top_p=args.top_p,
-                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          seed=args.seed, split=args.split, progress=bar.update)
+    engine = None
+    if args.engine == "vllm":
+        from poise_probe.rollout.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(args.model, tokenizer=tokenizer,
+                            dtype="bfloat16" if device.startswith("cuda") else "float32",
+                            max_model_len=args.max_new_tokens + 2048, seed=args.seed)
+    try:
+        with tqdm(total=args.n * args.samples * len(tasks), desc="eval", unit="completion",
+                  file=sys.stderr, disable=engine is not None) as bar:
+            report = evaluate(model, tokenizer, tasks, n=args.n, samples=args.samples,
+                              temperature=args.temperature, top_p=args.top_p,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                              seed=args.seed, split=args.split, progress=bar.update,
+                              engine=engine)
+    finally:
+        if engine is not None:
+            engine.close()
     report["config"] = {"model": str(args.model), "tasks": names, "n": args.n,
                         "samples": args.samples, "temperature": args.temperature,
                         "top_p": args.top_p, "seed": args.seed, "split": args.split,
-                        "device": device}
+                        "device": device, "engine": args.engine}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
