@@ -138,7 +138,7 @@ def token_pieces(tokenizer, ids: list[int], text: str | None = None) -> list[str
             prefix, read = read, i + 1
         else:                                  # nothing visible yet, or half a character
             pieces.append("")
-    if "".join(pieces) == text:
+    if _close(pieces, text):
         return pieces
     # exact but quadratic fallback: each piece is what the full prefix adds
     pieces, done = [], ""
@@ -149,7 +149,17 @@ def token_pieces(tokenizer, ids: list[int], text: str | None = None) -> list[str
             continue
         pieces.append(now[len(done):])
         done = now
-    return pieces if "".join(pieces) == text else None
+    return pieces if _close(pieces, text) else None
+
+
+def _close(pieces: list[str], text: str) -> bool:
+    """Give the last token what is still held back (a completion cut inside a character ends in
+    U+FFFD); True when the pieces then join to `text`."""
+    joined = "".join(pieces)
+    if pieces and len(joined) < len(text) and text.startswith(joined):
+        pieces[-1] += text[len(joined):]
+        joined = text
+    return joined == text
 
 
 def probe_snapshot(bank: ProbeBank) -> dict[str, dict[str, np.ndarray]]:

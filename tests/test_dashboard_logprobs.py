@@ -27,11 +27,15 @@ def lp_run(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def old_run(lp_run, tmp_path_factory):
-    """A copy of `lp_run` whose rollout tables lack `token_logprobs` (a run written before it)."""
+    """A copy of `lp_run` whose rollout tables lack `token_logprobs` and the columns added after
+    it (a run written before it)."""
     run = fx.copy_run(lp_run, tmp_path_factory.mktemp("old") / "old")
+    newer = {"token_logprobs", "engine_logprobs", "token_advantages", "token_pieces",
+             "reasoning_span", "answer_span", "pooled_span", "probe_target"}
     for path in (run / "rollouts").glob("step_*.parquet"):
         table = pq.read_table(path)
-        pq.write_table(table.drop_columns(["token_logprobs"]), path, compression="zstd")
+        table = table.drop_columns([c for c in table.column_names if c in newer])
+        pq.write_table(table, path, compression="zstd")
     return run
 
 

@@ -256,6 +256,34 @@ def pair_sign_accuracy(df: pd.DataFrame, target: str,
     return float(score.mean()), len(pairs)
 
 
+def sibling_mean(df: pd.DataFrame, column: str) -> pd.Series:
+    """Leave-one-out mean of `column` over the other rollouts of each row's prompt (same step
+    and group_id); NaN for a lone rollout. The same numbers as `poise_probe.probe.loo_targets`
+    (which the dashboard does not import: it pulls in the trainer's stack)."""
+    grp = df.groupby(["step", "group_id"])[column]
+    k = grp.transform("count")
+    return ((grp.transform("sum") - df[column]) / (k - 1)).where(k > 1)
+
+
+def probe_targets(df: pd.DataFrame) -> tuple[pd.Series, str]:
+    """The probe's regression target per rollout and where it came from ("stored",
+    "recomputed" or "stored and recomputed").
+
+    Runs of run-format schema 2 store it (`probe_target`: what the trainer fitted, the
+    leave-one-out mean of the siblings' scores; NaN where undefined). A step whose table lacks
+    the column (an older run) gets `sibling_mean` of its outcomes (`target_column`) instead.
+    """
+    recomputed = sibling_mean(df, target_column(df))
+    if "probe_target" not in df:
+        return recomputed, "recomputed"
+    stored = pd.to_numeric(df["probe_target"], errors="coerce")
+    # a step with no stored value is a table without the column (concatenated as NaN)
+    has = stored.notna().groupby(df["step"]).transform("any")
+    if has.all():
+        return stored, "stored"
+    return stored.where(has, recomputed), "stored and recomputed" if has.any() else "recomputed"
+
+
 def baseline_errors(df: pd.DataFrame, target: str) -> pd.DataFrame:
     """Mean squared error against the reward of each candidate baseline, per domain and overall.
 
@@ -268,13 +296,10 @@ def baseline_errors(df: pd.DataFrame, target: str) -> pd.DataFrame:
     if any(c not in df for c in need) or df.empty:
         return pd.DataFrame(columns=["domain", "baseline", "mse", "n"])
     d = df[need].copy()
-    grp = d.groupby(["step", "group_id"])
-    k = grp["reward"].transform("count")
-    loo = (grp["reward"].transform("sum") - d["reward"]) / (k - 1)
-    pred = d["probe_pred"]
-    sib = (grp["probe_pred"].transform("sum") - pred) / (grp["probe_pred"].transform("count") - 1)
-    cands = {"used by the run": d["baseline"], "sibling reward mean (RLOO)": loo.where(k > 1),
-             "sibling probe mean (POISE)": sib, "own probe prediction": pred}
+    cands = {"used by the run": d["baseline"],
+             "sibling reward mean (RLOO)": sibling_mean(d, "reward"),
+             "sibling probe mean (POISE)": sibling_mean(d, "probe_pred"),
+             "own probe prediction": d["probe_pred"]}
     rows = []
     parts = [("all", d.index)] + list(d.groupby("domain").groups.items())
     for dom, sub in parts:

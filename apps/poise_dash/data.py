@@ -32,10 +32,11 @@ logger = logging.getLogger(__name__)
 STATUS_ICONS = {"running": "🟢", "finished": "✅", "failed": "❌", "crashed": "💥",
                 "unreadable": "⚠️"}
 
-#: Columns the Probe page and the rollout filters need: everything but text and entropies.
+#: Columns the Probe page and the rollout filters need: everything but text and per-token lists
+#: (`probe_target` from run-format schema 2 on; a table without it is read without it).
 LIGHT_COLUMNS = ("step", "prompt_id", "group_id", "domain", "data_source", "task", "rollout_idx",
-                 "reward", "score", "probe_pred", "baseline", "advantage", "num_tokens",
-                 "truncated")
+                 "reward", "score", "probe_pred", "probe_target", "baseline", "advantage",
+                 "num_tokens", "truncated")
 TEXT_COLUMNS = ("prompt", "completion", "ground_truth")
 STUDY_KIND = "poise-probe-study"
 
@@ -411,6 +412,20 @@ def run_config(run: str, ident: tuple[int, int] | None) -> dict:
 
 def config_of(run: str) -> dict:
     return run_config(run, file_identity(Path(run, "config.yaml")))
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _run_meta(run: str, ident: tuple[int, int] | None) -> dict:
+    del ident
+    try:
+        return RunReader(run).meta
+    except (OSError, ValueError):
+        return {}
+
+
+def meta_of(run: str) -> dict:
+    """meta.json of a run ({} when missing or unreadable), read again only when it changes."""
+    return _run_meta(run, file_identity(Path(run, "meta.json")))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,49 +1,71 @@
-"""Per-token entropies laid over a completion's text, with the think and answer spans marked.
+"""Per-token values laid over a completion's text, with the think and answer spans marked.
 
-A rollout table stores the completion as text and `token_entropies` in token order, but no
-token strings. The text can be coloured per token only when the pieces are known:
+How a completion's tokens map onto its text (`Alignment.mode`), best first:
 
+- `pieces`: the run stores `token_pieces` (run-format schema 2), the text each token contributes,
+  joining exactly to `completion`: exact for any tokenizer, byte-level BPE included (a token
+  with no text of its own, such as EOS or the first bytes of a character the next token
+  completes, has the piece "" and is drawn as a small marker);
 - `chars`: one entropy per character (a character-level tokenizer), plus possibly one trailing
   end-of-sequence token;
 - `chars+tags`: one per character, each `<think>`/`</think>`/`<answer>`/`</answer>` one token
   (as in Qwen3's tokenizer and the bundled tiny reasoner's), plus possibly one trailing
   end-of-sequence token that the text does not show;
 - `token_ids`: a `token_ids` column of the same length: the ids are shown, coloured;
-- `strip`: none of these hold (a BPE tokenizer): the text is shown plain and the entropies as a
-  per-position strip chart.
+- `strip`: none of these hold (a subword tokenizer in a run without `token_pieces`): the text
+  is shown plain and the values as a per-position strip chart.
 
-The mode is decided from the counts, never assumed; the page says which one it used.
+The character modes are decided from the counts, never assumed, and serve only runs written
+before `token_pieces` existed; the page says which mode it used. The think/answer spans come
+from the run's `reasoning_span`/`answer_span` columns when stored (the token ranges the
+trainer's entropy statistics used, tags excluded) together with `pooled_span`, the window the
+probe pools; older runs get the spans found from the tags in the text (tags included).
 
-Newer runs also store `token_logprobs`, the log-probability of each sampled token under the
-policy that sampled it. The tokens can be coloured by one of three quantities (`SCALES`):
-entropy (nats, 0..vmax white to red), log-prob (coloured by surprisal -log p in nats, 0..vmax
-white to blue) and probability (p = exp(log p), 1 white to 0 blue). Every token's tooltip shows
-its id (when known), its entropy and its log-prob and probability (when stored).
+Tokens can be coloured by one of the quantities in `SCALES`, each offered only when the run
+stores what it needs: entropy (nats, 0..vmax white to red); the sampled token's log-prob under
+the trainer's old-policy forward (`token_logprobs`, by surprisal -log p, white to blue) or its
+probability; the rollout engine's own log-prob (`engine_logprobs`) and its gap to the trainer's,
+|engine - trainer| (white to purple); and the per-token advantage (`token_advantages`,
+diverging: red below zero, green above). Every token's tooltip shows its piece (whitespace
+made visible), its id, and every value the run stored for it.
 """
 from __future__ import annotations
 
 import html
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-SPAN_COLOURS = {"think": "#6f42c1", "answer": "#1a7f37"}
+#: Box colours of the spans; the probe window is underlined (it overlaps the think span).
+SPAN_COLOURS = {"think": "#6f42c1", "answer": "#1a7f37", "probe window": "#d97706"}
+#: The span columns of a schema-2 rollout table, by the kind the page draws.
+SPAN_COLUMNS = {"think": "reasoning_span", "answer": "answer_span",
+                "probe window": "pooled_span"}
+#: Per-token columns of a rollout table, by the `Alignment` field that holds them.
+VALUE_COLUMNS = {"log_probs": "token_logprobs", "engine_log_probs": "engine_logprobs",
+                 "advantages": "token_advantages"}
 
 
 @dataclass
 class Alignment:
-    """How a completion's entropies map onto its text (see the module docstring)."""
+    """How a completion's per-token values map onto its text (see the module docstring)."""
 
-    mode: str                       # chars | chars+tags | token_ids | strip
+    mode: str                       # pieces | chars | chars+tags | token_ids | strip
     pieces: list[str]               # text piece per token (empty for token_ids/strip)
     entropies: np.ndarray           # (T,) nats
     spans: list[tuple[str, int, int]] = field(default_factory=list)  # (kind, first, last) token
     extra_tokens: int = 0           # trailing tokens without text (end-of-sequence)
     token_ids: list[int] | None = None
     log_probs: np.ndarray | None = None   # (T,) nats, NaN where missing; None: not stored
-    log_probs_stored: int = 0       # how many log-probs the row had (!= T: padded or cut)
+    engine_log_probs: np.ndarray | None = None  # (T,) the rollout engine's; None: not stored
+    advantages: np.ndarray | None = None        # (T,) per-token advantages; None: not stored
+    pooled: tuple[int, int] | None = None       # [lo, hi) the probe's pooled window (stored)
+    spans_stored: bool = False      # spans from the span columns, not found in the text
+    notes: list[str] = field(default_factory=list)   # stored values that could not be used
+    stored: dict[str, int] = field(default_factory=dict)  # per-token list lengths, by field
 
     @property
     def coloured(self) -> bool:
@@ -57,9 +79,22 @@ class Alignment:
         """The per-token values `scale` colours by (NaN where a value is missing)."""
         return get_scale(scale).values(self)
 
+    def strip_spans(self) -> list[tuple[str, int, int]]:
+        """The spans a strip chart shades: think/answer, plus the probe window when stored."""
+        spans = list(self.spans)
+        if self.pooled is not None and self.pooled[1] > self.pooled[0]:
+            spans.append(("probe window", self.pooled[0], self.pooled[1] - 1))
+        return spans
+
     def describe(self) -> str:
         n = len(self.entropies)
-        if self.mode == "chars":
+        if self.mode == "pieces":
+            empty = sum(p == "" for p in self.pieces)
+            text = f"{n} tokens with the text pieces the run stored (exact for any tokenizer)"
+            if empty:
+                text += (f"; {empty} without text of their own (a special token such as the end "
+                         f"token, or the first bytes of a character the next token completes)")
+        elif self.mode == "chars":
             tail = f" plus {self.extra_tokens} end token" if self.extra_tokens else ""
             text = f"{n} tokens, one per character{tail}"
         elif self.mode == "chars+tags":
@@ -70,10 +105,14 @@ class Alignment:
         else:
             text = (f"{n} entropies do not match the text's {len(self.pieces) or 'unknown'} "
                     f"pieces (a subword tokenizer): shown as a per-position strip")
-        if self.log_probs is not None and self.log_probs_stored != n:
-            text += (f"; {self.log_probs_stored} log-probs for {n} tokens (the missing ones are "
-                     f"grey, the extra ones dropped)")
-        return text
+        if self.spans_stored:
+            text += "; spans as the trainer recorded them (think, answer, probe window)"
+        for name, label in (("log_probs", "log-probs"), ("engine_log_probs", "engine log-probs"),
+                            ("advantages", "token advantages")):
+            if getattr(self, name) is not None and self.stored.get(name, n) != n:
+                text += (f"; {self.stored[name]} {label} for {n} tokens (the missing ones are "
+                         f"grey, the extra ones dropped)")
+        return "; ".join([text] + self.notes)
 
 
 def split_pieces(text: str) -> list[str]:
@@ -107,10 +146,15 @@ def tag_spans(pieces: list[str]) -> list[tuple[str, int, int]]:
     return sorted(spans, key=lambda s: s[1])
 
 
+def _missing(value) -> bool:
+    """A row's absent value: None, or the NaN a column missing from some steps reads as."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _as_values(values) -> np.ndarray | None:
     """A row's list/array of floats as a float array; None for a missing value (an old run's
     absent column reads as None or NaN)."""
-    if values is None or (isinstance(values, float) and math.isnan(values)):
+    if _missing(values):
         return None
     return np.asarray(values, dtype=float).ravel()
 
@@ -122,12 +166,38 @@ def _fit(values: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def align(completion: str, entropies, token_ids=None, log_probs=None) -> Alignment:
+def stored_spans(spans: Mapping[str, object] | None,
+                 n: int) -> tuple[list[tuple[str, int, int]], tuple[int, int] | None, list[str]]:
+    """Stored `[lo, hi)` token ranges ({kind: range}, kinds of `SPAN_COLUMNS`) as
+    ([(kind, first, last)] of the non-empty think/answer spans, the probe window or None, notes
+    on ranges that do not fit `n` tokens)."""
+    boxes, pooled, notes = [], None, []
+    for kind, value in (spans or {}).items():
+        if _missing(value):
+            continue
+        lo_hi = [int(v) for v in np.asarray(value).ravel()]
+        if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] <= n:
+            notes.append(f"the stored {kind} span {lo_hi} does not fit {n} tokens (not drawn)")
+            continue
+        lo, hi = lo_hi
+        if kind == "probe window":
+            pooled = (lo, hi)
+        elif hi > lo:
+            boxes.append((kind, lo, hi - 1))
+    return sorted(boxes, key=lambda s: (s[1], -s[2])), pooled, notes
+
+
+def align(completion: str, entropies, token_ids=None, log_probs=None, *, token_pieces=None,
+          spans: Mapping[str, object] | None = None, engine_log_probs=None,
+          advantages=None) -> Alignment:
     """Decide how `entropies` (T,) map onto `completion` (see the module docstring).
 
-    `log_probs` (T,) go with the same tokens. The token count is the entropies' (the log-probs'
-    when a row has no entropies); log-probs of another length are padded with NaN or cut, and
-    `describe()` says so. `token_ids` are kept for the tooltips when their count matches.
+    `log_probs`, `engine_log_probs` and `advantages` (T,) go with the same tokens. The token
+    count is the entropies' (the log-probs' when a row has no entropies); per-token values of
+    another length are padded with NaN or cut, and `describe()` says so. `token_ids` are kept
+    for the tooltips when their count matches. `token_pieces` (T,) that join to `completion`
+    give the `pieces` mode; `spans` ({"think" | "answer" | "probe window": [lo, hi)}) replace
+    the spans found from the tags.
     """
     ent = _as_values(entropies)
     lp = _as_values(log_probs)
@@ -136,20 +206,49 @@ def align(completion: str, entropies, token_ids=None, log_probs=None) -> Alignme
     if ent is None:
         ent = np.zeros(0)
     n = len(ent)
-    ids = [int(t) for t in token_ids] if token_ids is not None and len(token_ids) == n and n \
-        else None
-    extra = {"token_ids": ids, "log_probs": None if lp is None else _fit(lp, n),
-             "log_probs_stored": 0 if lp is None else len(lp)}
+    ids = [int(t) for t in token_ids] if not _missing(token_ids) and token_ids is not None \
+        and len(token_ids) == n and n else None
+    extra: dict = {"token_ids": ids, "stored": {}}
+    for name, raw in (("log_probs", lp), ("engine_log_probs", _as_values(engine_log_probs)),
+                      ("advantages", _as_values(advantages))):
+        extra[name] = None if raw is None else _fit(raw, n)
+        extra["stored"][name] = 0 if raw is None else len(raw)
+    boxes, pooled, notes = stored_spans(spans, n)
+    have_spans = spans is not None and any(not _missing(v) for v in spans.values())
+    extra.update(pooled=pooled, notes=notes, spans_stored=have_spans)
+
+    def found(text_spans: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+        return boxes if have_spans else text_spans
+
+    if not _missing(token_pieces) and token_pieces is not None:
+        pieces = [str(p) for p in token_pieces]
+        if len(pieces) == n and "".join(pieces) == completion:
+            return Alignment("pieces", pieces, ent, found(tag_spans(pieces)), **extra)
+        notes.append(f"the stored token pieces ({len(pieces)} for {n} tokens) do not join to "
+                     f"the completion, so they are not used")
     if n and len(completion) in (n, n - 1):
-        return Alignment("chars", list(completion), ent, char_spans(completion),
+        return Alignment("chars", list(completion), ent, found(char_spans(completion)),
                          extra_tokens=n - len(completion), **extra)
     pieces = split_pieces(completion)
     if n and len(pieces) in (n, n - 1) and any(p in TAGS for p in pieces):
-        return Alignment("chars+tags", pieces, ent, tag_spans(pieces),
+        return Alignment("chars+tags", pieces, ent, found(tag_spans(pieces)),
                          extra_tokens=n - len(pieces), **extra)
     if ids is not None:
-        return Alignment("token_ids", [], ent, [], **extra)
-    return Alignment("strip", pieces, ent, [], **extra)
+        return Alignment("token_ids", [], ent, found([]), **extra)
+    return Alignment("strip", pieces, ent, found([]), **extra)
+
+
+def align_row(row: Mapping) -> Alignment:
+    """`align` on one rollout-table row, with whichever of the per-token columns it has."""
+    get = row.get
+    spans = {kind: get(col) for kind, col in SPAN_COLUMNS.items() if col in row}
+    al = align(str(row["completion"]), get("token_entropies"), get("token_ids"),
+               token_pieces=get("token_pieces"), spans=spans or None,
+               **{name: get(col) for name, col in VALUE_COLUMNS.items()})
+    if "token_pieces" in row and _missing(get("token_pieces")) and len(al.entropies):
+        al.notes.append("the run stored no token pieces for this rollout (the trainer could "
+                        "not split its text exactly)")
+    return al
 
 
 def char_spans(text: str) -> list[tuple[str, int, int]]:
@@ -175,6 +274,9 @@ def _ramp(t: float, rgb_light: tuple[int, int, int], rgb_full: tuple[int, int, i
 
 MISSING_COLOUR = "rgba(128,128,128,0.25)"
 _BLUE = ((200, 210, 240), (50, 110, 240))
+_PURPLE = ((225, 205, 240), (150, 40, 200))
+_GREEN = ((200, 235, 205), (30, 150, 60))
+_RED = ((245, 205, 200), (215, 45, 35))
 
 
 def entropy_colour(value: float, vmax: float) -> str:
@@ -202,64 +304,131 @@ def prob_colour(value: float, vmax: float = 1.0) -> str:
     return _ramp(1.0 - value, *_BLUE)
 
 
+def gap_colour(value: float, vmax: float) -> str:
+    """|engine - trainer| log-prob: white (they agree) to purple (>= vmax nats apart)."""
+    if not math.isfinite(value):
+        return MISSING_COLOUR
+    return _ramp(abs(value) / vmax if vmax > 0 else 0.0, *_PURPLE)
+
+
+def advantage_colour(value: float, vmax: float) -> str:
+    """Diverging: white at 0, red down to -vmax, green up to +vmax; grey for a missing value."""
+    if not math.isfinite(value):
+        return MISSING_COLOUR
+    t = abs(value) / vmax if vmax > 0 else 0.0
+    return _ramp(t, *(_GREEN if value > 0 else _RED))
+
+
 @dataclass(frozen=True)
 class Scale:
     """One quantity tokens can be coloured by."""
 
-    key: str                        # entropy | logprob | prob
-    name: str                       # entropy, log-prob, probability
+    key: str                        # see SCALES
+    name: str                       # entropy, log-prob, probability, ...
     unit: str                       # "nats" or ""
-    symbol: str                     # in hover texts: H, log p, p
+    symbol: str                     # in hover texts: H, log p, p, ...
     uses_vmax: bool                 # False: a fixed 0..1 scale (probability)
-    needs_log_probs: bool           # only for runs that store `token_logprobs`
+    needs: tuple[str, ...] = ()     # the Alignment fields it needs (stored columns)
+    legend: str = ""                # the colour key's title
+    at_least: float = 1.0           # the vmax slider reaches at least this
+    slider_min: float = 0.1         # and starts here, in steps of
+    slider_step: float = 0.05
 
     @property
     def label(self) -> str:
         """The control's option and the strip chart's y axis title, unit included."""
         return f"{self.name} ({self.unit})" if self.unit else self.name
 
+    @property
+    def slider_label(self) -> str:
+        """The vmax slider's label: what reaches full colour, in which unit."""
+        at = {"logprob": "−log p ≥ ", "engine_logprob": "−log p ≥ ", "logprob_gap": "≥ ",
+              "advantage": "|A| ≥ "}.get(self.key, "")
+        unit = f"({self.unit})" if self.unit else ""
+        return f"{self.name} colour scale: full colour at {at}{unit}".rstrip()
+
+    @property
+    def slider_key(self) -> str:
+        """The session key of this scale's vmax slider (entropy's keeps its old name)."""
+        return {"entropy": "ro_vmax", "logprob": "ro_lpmax"}.get(self.key, f"ro_{self.key}_max")
+
     def values(self, al: Alignment) -> np.ndarray:
-        """This quantity per token of `al` (NaN where missing, all NaN without log-probs)."""
-        if not self.needs_log_probs:
+        """This quantity per token of `al` (NaN where missing, all NaN when not stored)."""
+        n = len(al.entropies)
+        if self.key == "entropy":
             return np.asarray(al.entropies, float)
-        if al.log_probs is None:
-            return np.full(len(al.entropies), np.nan)
-        lp = np.asarray(al.log_probs, float)
-        return np.exp(lp) if self.key == "prob" else lp
+        stored = [getattr(al, name) for name in self.needs]
+        if any(v is None for v in stored):
+            return np.full(n, np.nan)
+        if self.key == "prob":
+            return np.exp(np.asarray(al.log_probs, float))
+        if self.key == "logprob_gap":
+            return np.abs(np.asarray(al.engine_log_probs, float) - np.asarray(al.log_probs,
+                                                                                float))
+        return np.asarray(stored[0], float)
+
+    def magnitude(self, values: np.ndarray) -> np.ndarray:
+        """How far each value is along the colour scale (what vmax is compared with)."""
+        v = np.asarray(values, float)
+        if self.key in ("logprob", "engine_logprob"):
+            return -v
+        return np.abs(v) if self.key == "advantage" else v
 
     def colour(self, value: float, vmax: float) -> str:
         return COLOURS[self.key](value, vmax)
 
     def legend_values(self, vmax: float) -> list[float]:
-        """Five values from no colour to full colour."""
+        """Five values from no colour to full colour (advantage: -vmax through 0 to +vmax)."""
         if self.key == "prob":
             return [1.0 - t / 4 for t in range(5)]
-        sign = -1.0 if self.key == "logprob" else 1.0
+        if self.key == "advantage":
+            return [vmax * (t - 2) / 2 + 0.0 for t in range(5)]
+        sign = -1.0 if self.key in ("logprob", "engine_logprob") else 1.0
         return [sign * vmax * t / 4 + 0.0 for t in range(5)]          # + 0.0: no "-0.00"
 
     def y_range(self, values: np.ndarray, vmax: float) -> list[float]:
-        """The strip chart's y range: 0..max for entropy, min..0 for log-prob, 0..1 for p."""
+        """The strip chart's y range: 0..max for entropy and gaps, min..0 for log-probs, 0..1
+        for p, symmetric about 0 for advantages."""
         finite = np.asarray(values, float)
         finite = finite[np.isfinite(finite)]
         if self.key == "prob":
             return [0.0, 1.05]
-        if self.key == "logprob":
+        if self.key in ("logprob", "engine_logprob"):
             low = float(finite.min()) if len(finite) else 0.0
             return [min(-vmax, low) * 1.1, 0.0]
+        if self.key == "advantage":
+            top = max(vmax, float(np.abs(finite).max()) if len(finite) else 0.0) * 1.1
+            return [-top, top]
         return [0.0, max(vmax, float(finite.max()) if len(finite) else 1.0) * 1.1]
 
 
-COLOURS = {"entropy": entropy_colour, "logprob": logprob_colour, "prob": prob_colour}
+COLOURS = {"entropy": entropy_colour, "logprob": logprob_colour, "prob": prob_colour,
+           "engine_logprob": logprob_colour, "logprob_gap": gap_colour,
+           "advantage": advantage_colour}
 SCALES = {
-    "entropy": Scale("entropy", "entropy", "nats", "H", uses_vmax=True, needs_log_probs=False),
+    "entropy": Scale("entropy", "entropy", "nats", "H", uses_vmax=True,
+                     legend="entropy (nats)", at_least=5.0),
     "logprob": Scale("logprob", "log-prob", "nats", "log p", uses_vmax=True,
-                     needs_log_probs=True),
-    "prob": Scale("prob", "probability", "", "p", uses_vmax=False, needs_log_probs=True),
+                     needs=("log_probs",), at_least=10.0,
+                     legend="log-prob of the sampled token (nats; colour by surprisal −log p)"),
+    "prob": Scale("prob", "probability", "", "p", uses_vmax=False, needs=("log_probs",),
+                  legend="probability of the sampled token"),
+    "engine_logprob": Scale("engine_logprob", "engine log-prob", "nats", "engine log p",
+                            uses_vmax=True, needs=("engine_log_probs",), at_least=10.0,
+                            legend="the rollout engine's log-prob of the sampled token (nats; "
+                                   "colour by surprisal −log p)"),
+    "logprob_gap": Scale("logprob_gap", "|engine − trainer| log-prob", "nats", "|Δ log p|",
+                         uses_vmax=True, needs=("engine_log_probs", "log_probs"),
+                         at_least=1.0, slider_min=0.001, slider_step=0.001,
+                         legend="|engine − trainer| log-prob of the sampled token (nats)"),
+    "advantage": Scale("advantage", "advantage", "", "A", uses_vmax=True,
+                       needs=("advantages",), at_least=1.0, slider_min=0.01, slider_step=0.01,
+                       legend="per-token advantage (red < 0 < green)"),
 }
 
 
 def get_scale(scale: str | Scale) -> Scale:
-    """A `Scale` from itself, its key (entropy, logprob, prob), name or label."""
+    """A `Scale` from itself, its key (entropy, logprob, prob, ...), name or label."""
     if isinstance(scale, Scale):
         return scale
     for s in SCALES.values():
@@ -268,29 +437,55 @@ def get_scale(scale: str | Scale) -> Scale:
     raise ValueError(f"unknown colour scale {scale!r}; one of {list(SCALES)}")
 
 
-def available_scales(has_log_probs: bool) -> list[Scale]:
-    """The scales a table can be coloured by: entropy only without `token_logprobs`."""
-    return [s for s in SCALES.values() if has_log_probs or not s.needs_log_probs]
+def available_scales(has_log_probs: bool, has_engine_log_probs: bool = False,
+                     has_advantages: bool = False) -> list[Scale]:
+    """The scales a table can be coloured by: each needs its columns stored (entropy only for
+    a run without `token_logprobs`, `engine_logprobs` or `token_advantages`)."""
+    have = {"log_probs": has_log_probs, "engine_log_probs": has_engine_log_probs,
+            "advantages": has_advantages}
+    return [s for s in SCALES.values() if all(have[n] for n in s.needs)]
 
 
 def _num(v: float, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if math.isfinite(v) else "–"
 
 
+_VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍"}
+
+
+def visible_piece(piece: str) -> str:
+    """A token's text with its whitespace and control characters made visible, quoted
+    ('␣the', '⏎'); "" for a token without text of its own is shown as ''."""
+    shown = "".join(_VISIBLE.get(c, c if c.isprintable() else f"\\x{ord(c):02x}"
+                                 if ord(c) < 256 else f"\\u{ord(c):04x}") for c in piece)
+    return f"'{shown}'"
+
+
 def tooltip(al: Alignment, i: int, what: str) -> str:
     """The hover text of token `i`: position, `what` (its text), id, entropy, log-prob and
-    probability (those the run stored), plain text (escape it for an attribute)."""
+    probability, engine log-prob and its gap, advantage (those the run stored), plain text
+    (escape it for an attribute)."""
     parts = [f"token {i}"]
     if what:
         parts.append(what)
     if al.token_ids is not None and i < len(al.token_ids):
         parts.append(f"id {al.token_ids[i]}")
-    h = float(al.entropies[i]) if i < len(al.entropies) else float("nan")
-    parts.append(f"H={_num(h)} nats")
+
+    def at(values: np.ndarray | None) -> float:
+        return float(values[i]) if values is not None and i < len(values) else float("nan")
+
+    parts.append(f"H={_num(at(al.entropies))} nats")
+    lp = at(al.log_probs)
     if al.log_probs is not None:
-        lp = float(al.log_probs[i]) if i < len(al.log_probs) else float("nan")
         parts.append(f"log p={_num(lp)}")
         parts.append(f"p={_num(math.exp(lp) if math.isfinite(lp) else lp)}")
+    if al.engine_log_probs is not None:
+        elp = at(al.engine_log_probs)
+        parts.append(f"engine log p={_num(elp)}")
+        if al.log_probs is not None:
+            parts.append(f"|Δ|={_num(abs(elp - lp), 4)}")
+    if al.advantages is not None:
+        parts.append(f"A={_num(at(al.advantages), 4)}")
     return " · ".join(parts)
 
 
@@ -302,11 +497,29 @@ def _show_piece(piece: str) -> str:
     return html.escape(piece)
 
 
+def _nested(spans: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """Spans sorted outer first, each cut to end inside the span enclosing its start, so the
+    boxes nest as HTML must (a crossing span is drawn up to the enclosing one's end)."""
+    out: list[tuple[str, int, int]] = []
+    stack: list[tuple[str, int, int]] = []
+    for kind, first, last in sorted(spans, key=lambda s: (s[1], -s[2])):
+        while stack and stack[-1][2] < first:
+            stack.pop()
+        if stack:
+            last = min(last, stack[-1][2])
+        out.append((kind, first, last))
+        stack.append((kind, first, last))
+    return out
+
+
+_CHIP = "border-radius:3px; font-size:0.7rem; padding:0 2px; color:#666"
+
+
 def render_html(al: Alignment, vmax: float, *, show_tags: bool = True,
                 scale: str | Scale = "entropy") -> str:
-    """The completion as HTML: each token a span coloured by `scale` (entropy, log-prob or
-    probability; `vmax` is where entropy and surprisal reach full colour), its values in the
-    tooltip; think/answer spans boxed and labelled."""
+    """The completion as HTML: each token a span coloured by `scale` (see `SCALES`; `vmax` is
+    where it reaches full colour), its values in the tooltip; think/answer spans boxed and
+    labelled, the probe's pooled window underlined."""
     sc = get_scale(scale)
     vals = sc.values(al)
 
@@ -318,56 +531,70 @@ def render_html(al: Alignment, vmax: float, *, show_tags: bool = True,
 
     style = ("font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 0.85rem; "
              "line-height: 1.9; white-space: pre-wrap; word-break: break-word;")
-    if al.mode == "token_ids":
-        chips = "".join(
-            f'<span title="{title(i)}" style="background:'
-            f'{colour(i)}; border:1px solid #ddd; border-radius:3px; '
-            f'padding:0 3px; margin:1px">{tid}</span>'
-            for i, tid in enumerate(al.token_ids or []))
-        return f'<div style="{style}">{chips}</div>'
     if al.mode == "strip":
         return f'<div style="{style}">{html.escape("".join(al.pieces))}</div>'
 
-    starts = {first: kind for kind, first, _last in al.spans}
-    ends = {last for _kind, _first, last in al.spans}
+    n = len(al.entropies)
+    spans = _nested(al.spans)
+    opens: dict[int, list[str]] = {}
+    closes: dict[int, int] = {}
+    for kind, first, last in spans:
+        opens.setdefault(first, []).append(kind)
+        closes[last] = closes.get(last, 0) + 1
+    lo, hi = al.pooled if al.pooled is not None else (0, 0)
+    under = f"box-shadow: inset 0 -2px 0 {SPAN_COLOURS['probe window']};"
     out = [f'<div style="{style}">']
-    for i, piece in enumerate(al.pieces):
-        if i in starts:
-            kind = starts[i]
+    for i in range(n):
+        for kind in opens.get(i, []):
             span_colour = SPAN_COLOURS.get(kind, "#555")
-            out.append(f'<span style="border:1.5px solid {span_colour}; border-radius:4px; '
-                       f'padding:1px 2px; margin:0 1px">'
+            out.append(f'<span data-span="{kind}" style="border:1.5px solid {span_colour}; '
+                       f'border-radius:4px; padding:1px 2px; margin:0 1px">'
                        f'<sup style="color:{span_colour}; font-weight:600; '
                        f'font-family:sans-serif">{kind}</sup>')
-        is_tag = piece in TAGS
-        if is_tag and not show_tags:
-            shown = ""
+        pooled = under if lo <= i < hi else ""
+        attrs = f'data-tok="{i}"'
+        if al.mode == "token_ids":
+            tid = al.token_ids[i] if al.token_ids is not None else "?"
+            out.append(f'<span title="{title(i)}" {attrs} style="background:{colour(i)}; '
+                       f'border:1px solid #ddd; border-radius:3px; padding:0 3px; margin:1px; '
+                       f'{pooled}">{tid}</span>')
+        elif i >= len(al.pieces) or al.pieces[i] == "":
+            last = i == n - 1
+            what = ("end of sequence" if i >= len(al.pieces) else
+                    "'' (no text of its own: a special token such as the end token"
+                    + (")" if last else ", or the first bytes of a character a later token "
+                                        "completes)"))
+            label = "end" if last else "·"
+            out.append(f'<span title="{title(i, what)}" {attrs} style="background:'
+                       f'{colour(i)}; border:1px dashed #999; {_CHIP}; {pooled}">{label}</span>')
         else:
-            shown = _show_piece(piece)
-        weight = "font-weight:600; color:#555;" if is_tag else ""
-        out.append(f'<span title="{title(i, repr(piece))}" '
-                   f'style="background:{colour(i)}; {weight}">{shown}</span>')
-        if i in ends:
-            out.append("</span>")
-    for j in range(len(al.pieces), len(al.entropies)):
-        out.append(f'<span title="{title(j, "end of sequence")}" style="'
-                   f'background:{colour(j)}; border:1px dashed #999; '
-                   f'border-radius:3px; font-size:0.7rem; padding:0 2px">end</span>')
+            piece = al.pieces[i]
+            is_tag = piece in TAGS
+            shown = "" if is_tag and not show_tags else _show_piece(piece)
+            weight = "font-weight:600; color:#555;" if is_tag else ""
+            if al.mode == "pieces":   # mark token boundaries, as the pieces are not characters
+                weight += " border-right:1px solid rgba(0,0,0,0.08);"
+            out.append(f'<span title="{title(i, visible_piece(piece))}" {attrs} '
+                       f'style="background:{colour(i)}; {weight} {pooled}">{shown}</span>')
+        out.append("</span>" * closes.get(i, 0))
     out.append("</div>")
     return "".join(out)
 
 
-def legend_html(vmax: float, scale: str | Scale = "entropy") -> str:
-    """A small colour key for `scale` (entropy by default)."""
+def legend_html(vmax: float, scale: str | Scale = "entropy", *, pooled: bool = False) -> str:
+    """A small colour key for `scale` (entropy by default), the span boxes and, when `pooled`,
+    the probe window's underline."""
     sc = get_scale(scale)
     stops = "".join(
         f'<span style="background:{sc.colour(v, vmax)}; padding:0 10px; '
         f'font-size:0.7rem">{v:.2f}</span>' for v in sc.legend_values(vmax))
     boxes = " ".join(
         f'<span style="border:1.5px solid {c}; border-radius:4px; padding:0 4px; '
-        f'font-size:0.75rem; color:{c}">{k}</span>' for k, c in SPAN_COLOURS.items())
-    name = {"entropy": "entropy (nats)",
-            "logprob": "log-prob of the sampled token (nats; colour by surprisal −log p)",
-            "prob": "probability of the sampled token"}[sc.key]
-    return (f'<div style="font-size:0.75rem">{name}: {stops} &nbsp; {boxes} '
+        f'font-size:0.75rem; color:{c}">{k}</span>' for k, c in SPAN_COLOURS.items()
+        if k != "probe window")
+    if pooled:
+        c = SPAN_COLOURS["probe window"]
+        boxes += (f' <span style="box-shadow: inset 0 -2px 0 {c}; font-size:0.75rem; '
+                  f'color:{c}">probe window</span>')
+    return (f'<div style="font-size:0.75rem">{sc.legend}: {stops} &nbsp; {boxes} '
             f'&nbsp; hover a token for its values</div>')

@@ -1,4 +1,5 @@
-"""Probe: predicted value against observed reward for a step window, calibration over training."""
+"""Probe: predicted value against the observed outcome (or the probe's own regression target, the
+siblings' mean outcome, as the run stored it) for a step window, calibration over training."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,8 @@ from poise_dash import analysis, data, figures, ui
 
 st.title("Probe")
 refs = ui.require_selection()
-ui.own_query("focus", "window")
+ui.own_query("focus", "window", "against")
+AGAINST = {"outcome": "own outcome", "target": "probe target"}
 ref = ui.focus_run(refs, key="pr_run", reset=("pr_window", "_pr_window_latest",
                                                               "pr_domains", "pr_snap"))
 
@@ -24,7 +26,8 @@ def body() -> None:
     ui.query_default("pr_window", "window",
                      lambda v: tuple(int(x) for x in v.split("-", 1)),
                      lambda v: len(v) == 2)
-    c1, c2, c3, c4 = st.columns([4, 2, 1, 1])
+    ui.query_default("pr_against", "against", str, lambda v: v in AGAINST)
+    c1, c2, c5, c3, c4 = st.columns([4, 2, 2, 1, 1])
     window = ui.step_window(c1, "step window", steps, "pr_window", default_width=10)
     in_window = [s for s in steps if window[0] <= s <= window[1]]
     df, warnings = data.load_rollouts(ref.path, in_window)
@@ -36,10 +39,27 @@ def body() -> None:
     n_bins = c3.number_input("bins", 3, 30, 10, key="pr_bins")
     split = c4.toggle("by domain", value=True, key="pr_split",
                       help="one reliability curve per domain")
-    ui.set_query(focus=ref.label, window=f"{window[0]}-{window[1]}")
+    against = c5.segmented_control(
+        "compare with", list(AGAINST), format_func=AGAINST.get, key="pr_against",
+        required=True, **ui.default("pr_against", "outcome", "default"),
+        help="the rollout's own outcome (the verifier's score), or the probe's regression "
+             "target: the mean score of the rollout's siblings (leave-one-out), which the "
+             "trainer's probe/* metrics use") or "outcome"
+    ui.set_query(focus=ref.label, window=f"{window[0]}-{window[1]}",
+                 against=None if against == "outcome" else against)
     if picked:
         df = df[df["domain"].isin(picked)]
-    target = analysis.target_column(df)
+    outcome = analysis.target_column(df)
+    if against == "target":
+        values, source = analysis.probe_targets(df)
+        df = df.assign(probe_target=values)
+        target = "probe_target"
+        about = (f"observed = `probe_target`, the mean `{outcome}` of each rollout's siblings: "
+                 f"what the probe is fitted to ({source})")
+    else:
+        target = outcome
+        about = (f"observed = `{outcome}`, each rollout's own outcome (the probe is fitted to "
+                 f"its siblings' mean `{outcome}`: compare with *probe target* for that)")
     has_pred = df["probe_pred"].notna()
     if not has_pred.any():
         st.info(f"No probe prediction in steps {window[0]}–{window[1]} of {ref.label}: the "
@@ -53,7 +73,7 @@ def body() -> None:
     d = df[has_pred]
     summary = analysis.calibration_summary(d["probe_pred"].to_numpy(float),
                                            d[target].to_numpy(float), int(n_bins))
-    pair_acc, n_pairs = analysis.pair_sign_accuracy(d, target)
+    pair_acc, n_pairs = analysis.pair_sign_accuracy(d, outcome)   # own outcomes order pairs
     clipped = float(((d["probe_pred"] <= 1e-9) | (d["probe_pred"] >= 1 - 1e-9)).mean())
     m = st.columns(7)
     m[0].metric("rollouts", f"{len(d):,}")
@@ -64,8 +84,7 @@ def body() -> None:
     m[5].metric("pair sign acc", f"{pair_acc:.1%}" if np.isfinite(pair_acc) else "–",
                 help=f"{n_pairs} within-group pairs with different outcomes")
     m[6].metric("at 0 or 1", f"{clipped:.1%}", help="predictions at the clip bounds")
-    st.caption(f"observed = `{target}` (what the probe is trained to predict) · steps "
-               f"{window[0]}–{window[1]} of {ref.label}")
+    st.caption(f"{about} · steps {window[0]}–{window[1]} of {ref.label}")
 
     c1, c2 = st.columns(2)
     binary = set(np.unique(d[target].dropna())) <= {0.0, 1.0}
@@ -85,11 +104,11 @@ def body() -> None:
     ui.chart(c1, figures.residual_figure(d, target), key="pr_resid")
     rows = []
     for dom, sub in [("all", d)] + sorted(d.groupby("domain"), key=lambda kv: kv[0]):
-        acc, n = analysis.pair_sign_accuracy(sub, target)
+        acc, n = analysis.pair_sign_accuracy(sub, outcome)
         rows.append({"domain": str(dom), "accuracy": acc, "pairs": n})
     ui.chart(c2, figures.pair_sign_figure(pd.DataFrame(rows)), key="pr_pairs")
 
-    errors = analysis.baseline_errors(df, target)
+    errors = analysis.baseline_errors(df, outcome)
     if len(errors):
         ui.chart(st, figures.baseline_error_figure(errors), key="pr_baselines")
     _history()

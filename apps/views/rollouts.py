@@ -1,6 +1,8 @@
 """Rollouts: browse and filter every rollout; the rollouts of one prompt side by side, their text
+split into the tokens the run stored (`token_pieces`; older runs: see poise_dash.tokens) and
 coloured by per-token entropy (or, for runs that store them, by the sampled tokens' log-probs or
-probabilities) with the think and answer spans marked."""
+probabilities, the engine's log-probs and their gap, or per-token advantages), with the think and
+answer spans and the probe's window marked."""
 from __future__ import annotations
 
 import json
@@ -17,8 +19,9 @@ ref = ui.focus_run(refs, key="ro_run", reset=("ro_steps", "_ro_steps_latest", "r
                                               "ro_domains", "ro_reward", "_ro_last_rows"))
 
 MAX_TABLE_ROWS = 5000
-SHOWN = ["step", "group_id", "rollout_idx", "domain", "task", "reward", "probe_pred", "baseline",
-         "advantage", "probe error", "num_tokens", "truncated", "completion"]
+SHOWN = ["step", "group_id", "rollout_idx", "domain", "task", "reward", "probe_pred",
+         "probe_target", "baseline", "advantage", "probe error", "num_tokens", "truncated",
+         "completion"]
 SIGNS = ["positive", "zero", "negative"]
 
 
@@ -119,8 +122,8 @@ def body() -> None:
         table, key="ro_table", hide_index=True, on_select="rerun", selection_mode="single-row",
         width="stretch", height=320,
         column_config={c: st.column_config.NumberColumn(format="%.3f")
-                       for c in ("reward", "probe_pred", "baseline", "advantage",
-                                 "probe error")})
+                       for c in ("reward", "probe_pred", "probe_target", "baseline",
+                                 "advantage", "probe error")})
     st.caption("Select a row to open its prompt's rollouts below.")
     _group_view(view, event, target)
 
@@ -177,33 +180,41 @@ def _group_view(view: pd.DataFrame, event, target: str) -> None:
         facts.append(f"reference answer `{gt[:200]}`" + ("…" if len(gt) > 200 else ""))
     st.markdown(" · ".join(facts))
 
-    # runs written before `token_logprobs` existed can be coloured by entropy only
-    scales = tokens.available_scales("token_logprobs" in g.columns)
+    # each colour scale needs its columns: runs written before them show entropy only
+    aligned = {int(r["rollout_idx"]): tokens.align_row(r) for _, r in g.iterrows()}
+    scales = tokens.available_scales("token_logprobs" in g.columns,
+                                     _stores(g, "engine_logprobs"),
+                                     _stores(g, "token_advantages"))
+    keys = [s.key for s in scales]
+    if st.session_state.get("ro_colour") not in keys:       # e.g. a run without that column
+        st.session_state.pop("ro_colour", None)
+    engine = data.meta_of(ref.path).get("rollout_engine")
     c0, c1, c2 = st.columns([2, 3, 1], vertical_alignment="bottom")
     if len(scales) > 1:
         key = c0.segmented_control(
-            "colour by", [s.key for s in scales], key="ro_colour", default="entropy",
+            "colour by", keys, key="ro_colour", default="entropy",
             required=True, format_func=lambda k: tokens.SCALES[k].label,
-            help="entropy of the policy at each token; or the log-probability of the sampled "
-                 "token under the policy that sampled it (temperature-scaled, as in the PPO "
-                 "ratio; coloured by surprisal −log p), or its probability exp(log p)")
+            help="entropy of the policy at each token; the log-probability of the sampled "
+                 "token under the policy that sampled it (the trainer's forward, "
+                 "temperature-scaled as in the PPO ratio; coloured by surprisal −log p) or its "
+                 "probability exp(log p); the rollout engine's own log-prob"
+                 + (f" ({engine})" if engine else "") + " and its gap to the trainer's; the "
+                 "per-token advantage (where the run stores each)")
         scale = tokens.get_scale(key or "entropy")
     else:
         scale = tokens.SCALES["entropy"]
         c0.caption("coloured by entropy (this run stores no per-token log-probs)")
-    if scale.key == "entropy":
-        ents = [np.asarray(e if e is not None else [], float) for e in g["token_entropies"]]
-        vmax = c1.slider("entropy colour scale: full colour at (nats)", 0.1,
-                         *_auto_scale(ents, 5.0), 0.05, key="ro_vmax")
-    elif scale.key == "logprob":
-        surprisal = [-np.asarray(v, float) for v in g["token_logprobs"] if _is_list(v)]
-        vmax = c1.slider("log-prob colour scale: full colour at −log p ≥ (nats)", 0.1,
-                         *_auto_scale(surprisal, 10.0), 0.05, key="ro_lpmax")
+    if scale.uses_vmax:
+        magnitudes = [scale.magnitude(scale.values(al)) for al in aligned.values()]
+        top, auto = _auto_scale(magnitudes, scale.at_least, scale.slider_min)
+        vmax = c1.slider(scale.slider_label, scale.slider_min, top, auto, scale.slider_step,
+                         key=scale.slider_key)
     else:
         vmax = 1.0
         c1.caption("probability: white at p = 1, full colour at p = 0")
     show_tags = c2.toggle("show tags", value=True, key="ro_tags")
-    st.html(tokens.legend_html(vmax, scale))
+    st.html(tokens.legend_html(vmax, scale, pooled=any(
+        al.pooled is not None for al in aligned.values())))
     per_row = min(len(g), 4)
     rows_of = [g.iloc[i:i + per_row] for i in range(0, len(g), per_row)]
     k = len(g)
@@ -211,7 +222,12 @@ def _group_view(view: pd.DataFrame, event, target: str) -> None:
         cols = st.columns(per_row)
         for col, (_, r) in zip(cols, chunk.iterrows()):
             with col:
-                _rollout_card(r, k, target, vmax, show_tags, scale)
+                _rollout_card(r, aligned[int(r["rollout_idx"])], k, vmax, show_tags, scale)
+
+
+def _stores(g: pd.DataFrame, column: str) -> bool:
+    """Whether any row of `g` stores the per-token list `column` (it may be null per row)."""
+    return column in g.columns and any(_is_list(v) for v in g[column])
 
 
 def _is_list(v) -> bool:
@@ -219,13 +235,16 @@ def _is_list(v) -> bool:
     return v is not None and not (isinstance(v, float) and np.isnan(v))
 
 
-def _auto_scale(arrays: list[np.ndarray], at_least: float) -> tuple[float, float]:
-    """(slider maximum, default): full colour at the 98th percentile of the values."""
+def _auto_scale(arrays: list[np.ndarray], at_least: float,
+                low: float = 0.1) -> tuple[float, float]:
+    """(slider maximum, default): full colour at the 98th percentile of the values (never
+    below the slider's minimum `low`)."""
     allv = np.concatenate([a for a in arrays if len(a)]) if any(len(a) for a in arrays) \
         else np.array([1.0])
     allv = allv[np.isfinite(allv)]
-    auto = float(max(0.1, np.percentile(allv, 98))) if len(allv) else 1.0
-    return float(max(auto, at_least)), round(auto, 2)
+    auto = float(max(low, np.percentile(allv, 98))) if len(allv) else 1.0
+    digits = max(2, -int(np.floor(np.log10(low))))
+    return float(max(auto, at_least)), round(auto, digits)
 
 
 def _move_group(delta: int) -> None:
@@ -242,7 +261,7 @@ def _fmt(v) -> str:
     return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
 
 
-def _rollout_card(r: pd.Series, k: int, target: str, vmax: float, show_tags: bool,
+def _rollout_card(r: pd.Series, al: tokens.Alignment, k: int, vmax: float, show_tags: bool,
                   scale: tokens.Scale) -> None:
     idx = int(r["rollout_idx"])
     adv, reward, base = float(r["advantage"]), float(r["reward"]), float(r["baseline"])
@@ -253,29 +272,34 @@ def _rollout_card(r: pd.Series, k: int, target: str, vmax: float, show_tags: boo
     m = st.columns(4)
     m[0].metric("reward", _fmt(reward),
                 help=f"verifier score {_fmt(float(r['score']))}" if "score" in r else None)
+    target = (f"; its training target, the mean score of the sibling rollouts, is "
+              f"{_fmt(float(r['probe_target']))}" if "probe_target" in r else "")
     m[1].metric("probe pred", _fmt(float(r["probe_pred"])),
-                help="the probe's predicted expected reward from this rollout's own features")
+                help="the probe's predicted expected reward from this rollout's own features"
+                     + target)
     m[2].metric("baseline", _fmt(base),
                 help=("the baseline this rollout received: for POISE the mean of its "
                       f"{'sibling' if k == 2 else str(k - 1) + ' siblings'}' probe "
                       "predictions; for GRPO/RLOO the (leave-one-out) group mean"))
-    m[3].metric("advantage", _fmt(adv))
+    m[3].metric("advantage", _fmt(adv),
+                help="the mean of the per-token advantages over the rollout's tokens"
+                     if al.advantages is not None else None)
     if np.isfinite(adv) and np.isfinite(base) and abs(adv - (reward - base)) > 1e-5:
         st.caption(f"A ≠ r − b ({reward - base:+.3f}): the estimator rescales advantages")
-    al = tokens.align(str(r["completion"]), r["token_entropies"], r.get("token_ids"),
-                      log_probs=r.get("token_logprobs"))
     if al.coloured:
         st.html(tokens.render_html(al, vmax, show_tags=show_tags, scale=scale))
     else:
         st.code(str(r["completion"]), language=None, wrap_lines=True)
     st.caption(al.describe())
     if len(al.entropies):
-        fig = figures.entropy_strip(al.values(scale), al.spans if al.coloured else [], vmax,
-                                    f"{scale.name} per token · rollout {idx}",
-                                    al.pieces if al.coloured else None, scale=scale.key)
+        pieces = [tokens.visible_piece(p)[1:-1] for p in al.pieces] if al.coloured else None
+        fig = figures.entropy_strip(al.values(scale), al.strip_spans(), vmax,
+                                    f"{scale.name} per token · rollout {idx}", pieces,
+                                    scale=scale.key)
         ui.chart(st, fig, key=f"ro_strip_{r['step']}_{r['group_id']}_{idx}")
     with st.expander("raw row"):
-        long_lists = ("token_entropies", "token_logprobs")
+        long_lists = ("token_entropies", "token_logprobs", "engine_logprobs",
+                      "token_advantages", "token_pieces")
         st.json(json.loads(pd.Series({k: v for k, v in r.items() if k not in long_lists})
                            .to_json(default_handler=str)), expanded=False)
 
