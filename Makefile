@@ -40,3 +40,6 @@ notebooks: setup
 	$(VENV)/bin/poise probe capture --tasks arith,boolean,code_output --prompts 200 --samples 4 \
 		--out $(NB_DATA)
 	$(PY) notebooks/build.py --execute --data $(NB_DATA) $(if $(NB_RUN),--run $(NB_RUN))
+
+# the vLLM rollout engine's own environment and tests (make vllm-env, make test-vllm)
+include Makefile.vllm

@@ -78,7 +78,8 @@ def sample_completions(model, tokenizer, prompts: Sequence[str | Messages] | Non
     out_ids: dict[tuple[int, int], list[int]] = {}
     out_lps: dict[tuple[int, int], list[float]] | None = {} if with_log_probs else None
     device = next(model.parameters()).device
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(tokenizer, getattr(getattr(model, "generation_config", None),
+                                      "eos_token_id", None))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     do_sample = temperature > 0
     # An explicit config: the model's own defaults (repetition penalty, top_k, min_p...) would
@@ -177,11 +178,11 @@ def _generate_rows(model, tokenizer, rows, batches, encoded, gen, gen_config, de
             progress(len(chunk))
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(tokenizer, generation_eos=None) -> list[int]:
+    """Where sampling stops: the tokenizer's EOS plus the generation config's `eos_token_id`
+    (an id or a list of ids, as in `generation_config.json`); every engine uses this."""
     ids = {tokenizer.eos_token_id}
-    cfg = getattr(model, "generation_config", None)
-    extra = getattr(cfg, "eos_token_id", None)
-    ids.update(extra if isinstance(extra, list) else [extra])
+    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
     return sorted(i for i in ids if i is not None)
 
 

@@ -28,7 +28,9 @@ def make_engine(cfg, model, tokenizer, device, autocast=None) -> RolloutEngine:
         from poise_probe.rollout.vllm_engine import VLLMEngine
 
         dtype = _vllm_dtype(cfg, device)
-        kwargs = {"max_model_len": r.max_completion_length + 2048}  # prompt + completion
+        # room for a prompt + completion, within the model's positions
+        kwargs = {"max_model_len": min(r.max_completion_length + 2048,
+                                       model.config.max_position_embeddings)}
         if r.max_batch_tokens is not None:
             # the token budget is the KV cache: at most that many tokens in flight; vLLM queues
             # the other requests (continuous batching), as the hf engine splits batches
