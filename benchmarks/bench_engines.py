@@ -10,7 +10,8 @@ reasoner; a random-initialised Qwen3-0.6B architecture, built here, fp32 on the 
    with `HFEngine` and `VLLMEngine`, alternating engine by engine for `--rounds` rounds, and
    reports completion tokens per second (median, min, max);
 2. trains `--steps` steps with `rollout.engine=hf` and then with `rollout.engine=vllm` (the same
-   recipe, seed and prompts) and reports the median whole-step time, first step excluded.
+   recipe, seed and prompts; each a `poise train` process) and reports the median whole-step
+   time, first step excluded.
 Writes benchmarks/results/engines.json with `vllm_over_hf_generate` and `vllm_over_hf_step` per
 model, beside the machine and the date; BENCHMARKS.md shows them.
 """
@@ -34,8 +35,11 @@ OUT = REPO / "benchmarks" / "results" / "engines.json"
 
 # per model: prompts x samples x new tokens for generation; the training recipe's sizes
 SIZES = {
-    "tiny": dict(prompts=64, samples=2, new=96, train=dict(prompts=32, k=2, new=96, micro=64)),
-    "qwen3-0.6b": dict(prompts=8, samples=2, new=32, train=dict(prompts=4, k=2, new=16, micro=8)),
+    "tiny": dict(prompts=64, samples=2, new=96,
+                 train=dict(prompts=32, k=2, new=96, micro=64, kv_share=0.15)),
+    # 0.6B on a 24 GiB CPU machine: 9 GiB of trainer state, vLLM's fp32 copy, a 1.2 GiB KV cache
+    "qwen3-0.6b": dict(prompts=8, samples=2, new=32,
+                       train=dict(prompts=4, k=2, new=16, micro=8, kv_share=0.05)),
 }
 
 
@@ -68,7 +72,8 @@ def bench_generate(path: str, size: dict, rounds: int) -> dict:
     sampling = SamplingSettings(1.0, 1.0, size["new"])
     engines = {"hf": HFEngine(model, tok, batch_size=256),
                "vllm": VLLMEngine(path, tokenizer=tok, dtype="float32",
-                                  max_model_len=size["new"] + 512)}
+                                  max_model_len=min(size["new"] + 512,
+                                                    model.config.max_position_embeddings))}
     engines["vllm"].sync_weights(model)
     rates: dict[str, list[float]] = {k: [] for k in engines}
     for name, eng in engines.items():                       # warm-up, not timed
@@ -86,21 +91,27 @@ def bench_generate(path: str, size: dict, rounds: int) -> dict:
 
 
 def bench_step(path: str, size: dict, steps: int, workdir: Path) -> dict:
-    """Median step time of `steps` training steps with each engine (first step excluded)."""
-    from poise_probe.config import load_config
+    """Median step time of `steps` training steps with each engine (first step excluded).
+
+    Each engine trains in its own `poise train` process, so one run's memory (a 0.6B model's
+    fp32 AdamW state is 9 GiB) is gone before the next starts on this 24 GiB machine.
+    """
     from poise_probe.rundir import RunReader
-    from poise_probe.trainer import train
 
     t = size["train"]
     out = {}
     for engine in ("hf", "vllm"):
-        cfg = load_config(REPO / "training" / "configs" / "poise_tiny.yaml", [
-            f"model.path={path}", f"rollout.engine={engine}", f"trainer.total_steps={steps}",
-            f"rollout.prompts_per_step={t['prompts']}", f"rollout.num_generations={t['k']}",
-            f"rollout.max_completion_length={t['new']}", f"optim.mini_batch_prompts={t['prompts']}",
-            f"optim.micro_batch_size={t['micro']}", "data.eval_n=1", "data.eval_samples=1",
-            "data.eval_every=0", "trainer.save_every=1000", "probe.layer=null"])
-        run = train(cfg, workdir / f"run-{Path(path).name}-{engine}")
+        run = workdir / f"run-{Path(path).name}-{engine}"
+        subprocess.run([
+            sys.executable, "-m", "poise_probe", "train",
+            "--config", str(REPO / "training" / "configs" / "poise_tiny.yaml"),
+            "--output", str(run), f"model.path={path}", f"rollout.engine={engine}",
+            f"trainer.total_steps={steps}", f"rollout.prompts_per_step={t['prompts']}",
+            f"rollout.num_generations={t['k']}", f"rollout.max_completion_length={t['new']}",
+            f"optim.mini_batch_prompts={t['prompts']}", f"optim.micro_batch_size={t['micro']}",
+            f"rollout.gpu_memory_utilization={t['kv_share']}", "data.eval_n=1",
+            "data.eval_samples=1", "data.eval_every=0", "trainer.save_every=1000",
+            "probe.layer=null"], check=True, stdout=subprocess.DEVNULL)
         rows = [m for m in RunReader(run).metrics() if "timing_s/step" in m]
         times = [m["timing_s/step"] for m in rows[1:]] or [rows[0]["timing_s/step"]]
         gen = [m["timing_s/gen"] for m in rows[1:]] or [rows[0]["timing_s/gen"]]
@@ -108,7 +119,6 @@ def bench_step(path: str, size: dict, steps: int, workdir: Path) -> dict:
                        "logprob_abs_diff_max": max(m.get("rollout/logprob_abs_diff_max", 0.0)
                                                    for m in rows)}
         print(f"  train {engine}: step {out[engine]['step_s']['median']:.2f} s", flush=True)
-        gc.collect()
     return out
 
 

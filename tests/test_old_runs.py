@@ -47,3 +47,15 @@ def test_a_v1_run_resumes_into_v2(tmp_path):
     new = r.rollouts(3)
     assert "token_pieces" in new.columns and "probe_target" in new.columns
     assert [m["step"] for m in r.metrics() if "reward/mean" in m] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("page", ["runs", "training", "probe", "rollouts"])
+def test_the_dashboard_opens_a_v1_run(monkeypatch, page):
+    import dashboard_fixtures as fx
+
+    at = fx.open_app(monkeypatch, V1, page=page)
+    fx.assert_ok(at)
+    if page == "rollouts":   # v1 tables have no token pieces: the char-tokenizer fallback
+        body = "\n".join(str(h.proto.body) for h in at.html)
+        assert "H=" in body and "log p=" in body         # 70f3c5e stored token_logprobs
+        assert "engine" not in body                      # but no engine log-probs
