@@ -273,3 +273,14 @@ def test_cli_train_and_bad_key(tiny_model_dir, tmp_path, capsys):
     assert "run directory:" in out.out and "step    1 | reward" in out.err
     assert main(["train", "optim.lrr=1"]) == 2
     assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+
+
+def test_cli_overrides_may_follow_the_options(tiny_model_dir, tmp_path, capsys):
+    from poise_probe.cli import main
+    over = tiny_overrides(tiny_model_dir, **{"trainer.total_steps": 1})
+    rc = main(["train", over[0], "--output", str(tmp_path / "mixed"), *over[1:]])
+    assert rc == 0
+    assert RunReader(tmp_path / "mixed").config["trainer"]["total_steps"] == 1
+    with pytest.raises(SystemExit):
+        main(["train", "--output", str(tmp_path / "x"), "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
