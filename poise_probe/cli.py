@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(sub)
     _add_train(sub)
     _add_demo(sub)
+    _add_config(sub)
     from poise_probe.study.commands import add_probe_parser
 
     add_probe_parser(sub)
@@ -148,6 +149,44 @@ def _add_train(sub) -> None:
                    help="continue the run in --output from its last checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_run_train)
+
+
+def _add_config(sub) -> None:
+    p = sub.add_parser("config", help="the effective configuration, each field's help and source",
+                       description="show: the configuration a `poise train` with these arguments "
+                                   "would use, each value's source (default, file, override) and "
+                                   "help; docs: docs/config.md, generated from the dataclasses.")
+    p.add_argument("action", choices=["show", "docs"])
+    p.add_argument("--config", default=None, help="YAML recipe (training/configs/*.yaml)")
+    p.add_argument("--json", action="store_true", help="show: print one JSON list of rows")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_run_config)
+
+
+def _run_config(args) -> int:
+    from poise_probe.config import config_markdown, describe, load_config_with_sources
+
+    if args.action == "docs":
+        print(config_markdown(), end="")
+        return 0
+    cfg, sources = load_config_with_sources(args.config, args.overrides)
+    rows = describe(cfg, sources)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"effective configuration ({args.config or 'defaults'})")
+    for col in ("key", "value", "from", "help"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        src = r["source"]
+        table.add_row(r["key"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else ""),
+                      repr(r["value"]) if isinstance(r["value"], str) else str(r["value"]),
+                      src if src == "default" else f"[bold]{src}[/bold]", r["help"])
+    Console(width=160).print(table)
+    return 0
 
 
 def _add_demo(sub) -> None:

@@ -12,16 +12,29 @@ from typing import Any
 
 import yaml
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+from poise_probe.losses import AGG_MODES as LOSS_AGG_MODES  # noqa: E402 (one definition)
+from poise_probe.losses import KL_KINDS  # noqa: E402
 ROLLOUT_ENGINES = ("hf", "vllm")
+
+
+def opt(default, help: str, *, factory: bool = False):
+    """A config field with its one-line help (shown by `poise config show` and docs/config.md);
+    `factory=True` when `default` is a callable making a mutable default."""
+    if factory:
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ModelConfig:
-    path: str = "tiny-reasoner"          # local save_pretrained directory or 'tiny-reasoner'
-    dtype: str = "auto"                  # auto: fp32 weights, bf16 autocast on CUDA | float32 | bfloat16
-    device: str = "auto"                 # auto | cpu | cuda | cuda:N (cuda: stop if there is none)
-    gradient_checkpointing: bool = False
+    path: str = opt(
+        "tiny-reasoner", "local save_pretrained directory of a causal LM, or the alias 'tiny-reasoner'")
+    dtype: str = opt(
+        "auto", 'auto (fp32 weights, bf16 autocast on CUDA) | float32 | bfloat16 weights')
+    device: str = opt(
+        "auto", 'auto (CUDA if present) | cpu | cuda | cuda:N; cuda stops if there is none')
+    gradient_checkpointing: bool = opt(
+        False, 'recompute activations in backward to save memory (long responses)')
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
@@ -29,14 +42,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    tasks: list[str] = field(default_factory=lambda: ["arith", "boolean", "code_output"])
-    task_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # {task: {knob: v}}
-    eval_tasks: list[str] | None = None  # None: the training tasks
-    eval_n: int = 100                    # held-out prompts per task
-    eval_samples: int = 8                # K for Avg@K
-    eval_every: int = 10                 # steps; 0 = only at the start and the end
-    eval_temperature: float = 1.0
-    pool_size: int = 4096                # train prompts drawn per task, cycled (reshuffled)
+    tasks: list[str] = opt(lambda: ["arith", "boolean", "code_output"],
+                           "training tasks: built-in names, rg:<dataset>, humaneval or a "
+                           ".jsonl/.parquet file", factory=True)
+    task_kwargs: dict[str, dict[str, Any]] = opt(dict, "difficulty knobs per task: {task: "
+                                                  "{knob: value}}", factory=True)
+    eval_tasks: list[str] | None = opt(None, 'held-out tasks; None: the training tasks')
+    eval_n: int = opt(100, 'held-out prompts per task')
+    eval_samples: int = opt(8, 'samples per held-out prompt, K of Avg@K and Pass@K')
+    eval_every: int = opt(10, 'evaluate every this many steps; 0: only before and after training')
+    eval_temperature: float = opt(
+        1.0, 'sampling temperature of the held-out evaluation (0: greedy)')
+    pool_size: int = opt(4096, 'train prompts drawn per task, cycled and reshuffled')
 
     def __post_init__(self):
         if not self.tasks:
@@ -53,19 +70,25 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    prompts_per_step: int = 32           # verl data.train_batch_size
-    num_generations: int = 2             # rollouts per prompt (TRL num_generations, verl n)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_completion_length: int = 96      # max new tokens
-    generation_batch_size: int = 256     # rows per generation batch at most (hf engine)
-    max_batch_tokens: int | None = None  # and at most this many prompt + new tokens per batch
-    engine: str = "hf"                   # hf (transformers generate) | vllm (colocated vllm.LLM)
-    gpu_memory_utilization: float | None = None  # vllm: share of GPU memory (CPU: of RAM, for
-    #                                      the KV cache) it takes; None: 0.3 on CUDA, 0.15 on CPU
-    is_correction: bool | None = None    # truncated IS on pi_trainer/pi_engine; None: on for vllm
-    is_cap: float = 2.0                  # ceiling of the truncated importance weight
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # more vllm.LLM(...) arguments
+    prompts_per_step: int = opt(32, 'prompts sampled per step (verl data.train_batch_size)')
+    num_generations: int = opt(2, 'rollouts per prompt, K (TRL num_generations, verl rollout.n)')
+    temperature: float = opt(1.0, 'sampling temperature T; log-probs are of softmax(logits / T)')
+    top_p: float = opt(1.0, 'nucleus sampling mass (1: the whole vocabulary)')
+    max_completion_length: int = opt(
+        96, 'most new tokens per rollout (TRL max_completion_length, verl response_length)')
+    generation_batch_size: int = opt(256, 'rows per generation batch at most (hf engine)')
+    max_batch_tokens: int | None = opt(
+        None, 'rollout token budget: prompt + new tokens held at once (hf batches, vllm KV cache)')
+    engine: str = opt(
+        "hf", 'rollout engine: hf (transformers generate) | vllm (colocated vllm.LLM)')
+    gpu_memory_utilization: float | None = opt(
+        None, "vllm: share of GPU memory it takes (CPU: of RAM, for the KV cache); None: 0.3 "
+              "on CUDA, 0.15 on CPU")
+    is_correction: bool | None = opt(
+        None, 'truncated importance weights pi_trainer/pi_engine on the loss; None: on for vllm, off for hf')
+    is_cap: float = opt(2.0, 'ceiling of the truncated importance weight')
+    engine_kwargs: dict[str, Any] = opt(dict, "more vllm.LLM(...) arguments, e.g. "
+                                        "{max_model_len: 4096}", factory=True)
 
     def __post_init__(self):
         _positive("rollout.prompts_per_step", self.prompts_per_step)
@@ -96,25 +119,33 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    adv_estimator: str = "poise"         # poise | grpo | dr_grpo | rloo | reinforce_pp | dapo
-    epsilon: float = 0.2                 # clip_ratio_low
-    epsilon_high: float = 0.28           # clip_ratio_high (clip-higher)
-    clip_ratio_c: float = 10.0           # dual clip for negative advantages
-    loss_agg_mode: str = "token-mean"
-    kl_coef: float = 0.0                 # KL to the initial policy (off by default)
-    kl_type: str = "low_var_kl"
-    entropy_coeff: float = 0.0
-    dynamic_sampling: bool = False       # DAPO: drop all-equal groups, sample more prompts
-    max_gen_rounds: int = 3              # DAPO: generation rounds per step at most
-    overlong_shaping: bool = False       # DAPO: soft overlong punishment
-    overlong_buffer_len: int = 16
-    overlong_penalty_factor: float = 1.0
+    adv_estimator: str = opt(
+        "poise", 'advantage estimator (verl algorithm.adv_estimator): poise | grpo | dr_grpo | rloo | reinforce_pp | dapo')
+    epsilon: float = opt(
+        0.2, 'PPO clip below: ratio >= 1 - epsilon (verl clip_ratio_low, TRL epsilon)')
+    epsilon_high: float = opt(
+        0.28, 'PPO clip above, clip-higher: ratio <= 1 + epsilon_high (verl clip_ratio_high)')
+    clip_ratio_c: float = opt(10.0, 'dual clip for negative advantages: loss capped at c * |A|')
+    loss_agg_mode: str = opt(
+        "token-mean", 'how token losses become one: token-mean | seq-mean-token-sum | seq-mean-token-mean')
+    kl_coef: float = opt(
+        0.0, 'weight of the KL penalty to the initial policy (TRL beta); 0: off, no reference model')
+    kl_type: str = opt("low_var_kl", 'KL estimator: kl/k1, abs, mse/k2, low_var_kl/k3')
+    entropy_coeff: float = opt(0.0, 'weight of the entropy bonus (0: off)')
+    dynamic_sampling: bool = opt(
+        False, 'DAPO: drop groups whose rewards are all equal and sample more prompts')
+    max_gen_rounds: int = opt(3, 'DAPO: generation rounds per step at most')
+    overlong_shaping: bool = opt(
+        False, 'DAPO: soft punishment of responses near max_completion_length')
+    overlong_buffer_len: int = opt(
+        16, 'DAPO: tokens before the limit where the punishment ramps up')
+    overlong_penalty_factor: float = opt(1.0, 'DAPO: the punishment at the limit')
 
     def __post_init__(self):
         from poise_probe.advantages import ADV_ESTIMATORS
         _choice("algorithm.adv_estimator", self.adv_estimator, tuple(sorted(ADV_ESTIMATORS)))
         _choice("algorithm.loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
-        _choice("algorithm.kl_type", self.kl_type, ("kl", "abs", "mse", "low_var_kl"))
+        _choice("algorithm.kl_type", self.kl_type, KL_KINDS)
         if not (0 < self.epsilon < 1 and self.epsilon_high > 0):
             raise ValueError(f"algorithm.epsilon must be in (0, 1) and epsilon_high > 0; got "
                              f"{self.epsilon} and {self.epsilon_high}.")
@@ -127,17 +158,23 @@ class AlgorithmConfig:
 
 @dataclass
 class ProbeConfig:
-    layer: int | None = None             # decoder block (0-based); None: the middle block
-    prompt_window: int = 10              # last n prompt tokens
-    reasoning_window: int = 10           # last n response tokens ending at </think>
-    alpha: float = 0.01                  # ridge strength (paper v2: 0.01 raw; release 100 w/ PCA)
-    pca_prompt: int | None = None        # release: 32
-    pca_reasoning: int | None = None     # release: 64
-    buffer_caps: dict[str, int] = field(
-        default_factory=lambda: {"math": 4096, "code": 3072, "other": 3072})
-    bootstrap_steps: int = 16            # RLOO with the sibling's reward until then
-    min_steps_to_fit: int = 8            # a bucket is fitted once it holds this many steps
-    snapshot_every: int = 10
+    layer: int | None = opt(None, 'decoder block the probe reads (0-based); None: the middle block')
+    prompt_window: int = opt(10, 'last n prompt tokens pooled into the prompt vector')
+    reasoning_window: int = opt(
+        10, 'last n response tokens ending at </think> pooled into the reasoning vector')
+    alpha: float = opt(
+        0.01, 'ridge strength (paper v2: 0.01 on raw features; release: 100 with PCA)')
+    pca_prompt: int | None = opt(
+        None, 'PCA components of the prompt vector (release: 32); None: no PCA')
+    pca_reasoning: int | None = opt(
+        None, 'PCA components of the reasoning vector (release: 64); None: no PCA')
+    buffer_caps: dict[str, int] = opt(
+        lambda: {"math": 4096, "code": 3072, "other": 3072},
+        "probe buffer rows per domain bucket (FIFO by prompt group); 'other' takes the rest",
+        factory=True)
+    bootstrap_steps: int = opt(16, "RLOO (the sibling's reward as baseline) up to this step")
+    min_steps_to_fit: int = opt(8, 'a buffer bucket is fitted once it holds this many steps')
+    snapshot_every: int = opt(10, 'write the fitted probes every this many steps (and at the last)')
 
     def __post_init__(self):
         _positive("probe.prompt_window", self.prompt_window)
@@ -153,16 +190,17 @@ class ProbeConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 10
-    lr_schedule: str = "constant"        # constant | cosine (after warm-up)
-    max_grad_norm: float = 1.0
-    mini_batch_prompts: int = 32         # prompts per optimizer step (verl ppo_mini_batch_size)
-    micro_batch_size: int = 16           # rollouts per forward (gradient accumulation)
-    ppo_epochs: int = 1
-    logit_chunk_tokens: int = 2048       # response tokens per LM-head chunk (memory bound)
+    lr: float = opt(1e-6, 'AdamW learning rate (TRL learning_rate)')
+    weight_decay: float = opt(0.01, 'AdamW weight decay')
+    betas: list[float] = opt(lambda: [0.9, 0.999], "AdamW betas [b1, b2]", factory=True)
+    warmup_steps: int = opt(10, 'linear learning-rate warm-up steps')
+    lr_schedule: str = opt("constant", 'after warm-up: constant | cosine')
+    max_grad_norm: float = opt(1.0, 'gradient-norm clip')
+    mini_batch_prompts: int = opt(32, 'prompts per optimizer step (verl ppo_mini_batch_size)')
+    micro_batch_size: int = opt(16, 'rollouts per forward; gradients accumulate over a mini-batch')
+    ppo_epochs: int = opt(1, "passes over each step's batch")
+    logit_chunk_tokens: int = opt(
+        2048, "response tokens per LM-head chunk (bounds the logits' memory)")
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -177,12 +215,12 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = 50
-    seed: int = 0
-    output_dir: str = "runs/poise"
-    save_every: int = 10                 # checkpoint period (steps); the last step always
-    keep_checkpoints: int = 2
-    log_rollouts_every: int = 1
+    total_steps: int = opt(50, 'training steps')
+    seed: int = opt(0, 'seed of prompts, sampling and the update order')
+    output_dir: str = opt("runs/poise", 'run directory when --output is not given')
+    save_every: int = opt(10, 'checkpoint every this many steps (and at the last)')
+    keep_checkpoints: int = opt(2, 'newest checkpoints kept')
+    log_rollouts_every: int = opt(1, 'write the rollout table every this many steps')
 
     def __post_init__(self):
         _positive("trainer.total_steps", self.total_steps)
@@ -226,9 +264,36 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
+# Names TRL and verl users type, mapped to this config's keys (shown by `poise config show`).
+# A value map translates values too; a value it lacks is refused, naming the choices.
+ALIASES: dict[str, tuple[str, dict[str, str] | None]] = {
+    "learning_rate": ("optim.lr", None),                        # TRL
+    "clip_ratio_low": ("algorithm.epsilon", None),              # verl
+    "clip_ratio_high": ("algorithm.epsilon_high", None),        # verl
+    "beta": ("algorithm.kl_coef", None),                        # TRL
+    "kl_loss_coef": ("algorithm.kl_coef", None),                # verl
+    "kl_loss_type": ("algorithm.kl_type", None),                # verl
+    "loss_type": ("algorithm.loss_agg_mode",                    # TRL
+                  {"dapo": "token-mean", "bnpo": "token-mean", "grpo": "seq-mean-token-mean"}),
+    "train_batch_size": ("rollout.prompts_per_step", None),     # verl data.train_batch_size
+    "response_length": ("rollout.max_completion_length", None),  # verl rollout.response_length
+    "ppo_mini_batch_size": ("optim.mini_batch_prompts", None),  # verl
+    "grad_clip": ("optim.max_grad_norm", None),                 # verl
+}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML recipe (or the defaults), apply `key=value` overrides, validate everything."""
+    return load_config_with_sources(path, overrides)[0]
+
+
+def load_config_with_sources(path: str | Path | None = None, overrides: list[str] | None = None
+                             ) -> tuple[Config, dict[str, str]]:
+    """`load_config`, plus where each set value came from: {"optim.lr": "override
+    learning_rate=1e-5", "rollout.engine": "file training/configs/x.yaml", ...}; keys not
+    listed hold their defaults."""
     raw: dict = {}
+    sources: dict[str, str] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -241,14 +306,50 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ValueError(f"config file {str(p)!r} must hold a mapping of sections; got "
                              f"{type(raw).__name__}.")
+        raw = _canonical_sections(raw, sources, f"file {p}")
     for item in overrides or []:
         key, value = parse_override(item)
-        section, name = resolve_key(key)
+        (section, name), value = resolve_alias(key, value)
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ValueError(f"config section {section!r} must be a mapping.")
         raw[section][name] = value
-    return from_dict(raw)
+        sources[f"{section}.{name}"] = f"override {item}"
+    return from_dict(raw), sources
+
+
+def resolve_alias(key: str, value: Any) -> tuple[tuple[str, str], Any]:
+    """(section, field) and value for `key`, which may be a TRL/verl alias (`learning_rate`)."""
+    bare = key.rsplit(".", 1)[-1]
+    if bare in ALIASES and (key == bare or key.split(".", 1)[0] == ALIASES[bare][0].split(".")[0]):
+        canonical, values = ALIASES[bare]
+        if values is not None:
+            if value not in values:
+                raise ValueError(f"{key}={value!r}: {key} maps to {canonical} only for "
+                                 f"{sorted(values)}; set {canonical} to one of "
+                                 f"{list(LOSS_AGG_MODES) if 'loss_agg' in canonical else ''} "
+                                 f"directly.")
+            value = values[value]
+        section, name = canonical.split(".")
+        return (section, name), value
+    return resolve_key(key), value
+
+
+def _canonical_sections(raw: dict, sources: dict, origin: str) -> dict:
+    """A YAML mapping with aliases inside sections (`optim: {learning_rate: ..}`) renamed."""
+    out: dict = {}
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            out[section] = values
+            continue
+        for key, val in values.items():
+            if key in ALIASES and ALIASES[key][0].split(".")[0] == section:
+                (sec, name), val = resolve_alias(f"{section}.{key}", val)
+            else:
+                sec, name = section, key
+            out.setdefault(sec, {})[name] = val
+            sources[f"{sec}.{name}"] = origin + (f" ({section}.{key})" if name != key else "")
+    return out
 
 
 def from_dict(raw: dict) -> Config:
@@ -382,3 +483,58 @@ def _positive(key: str, value: int) -> None:
 def _nonneg(key: str, value: float) -> None:
     if value < 0:
         raise ValueError(f"{key} must be >= 0; got {value}.")
+
+
+# --- the configuration described: `poise config show` and docs/config.md --------------------
+
+def describe(cfg: Config, sources: dict[str, str] | None = None) -> list[dict]:
+    """One row per field: key, value, where it came from, its help and its TRL/verl aliases."""
+    aliases: dict[str, list[str]] = {}
+    for alias, (canonical, _) in ALIASES.items():
+        aliases.setdefault(canonical, []).append(alias)
+    rows = []
+    for section, cls in _section_classes().items():
+        values = getattr(cfg, section)
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            rows.append({"key": key, "value": getattr(values, f.name),
+                         "source": (sources or {}).get(key, "default"),
+                         "help": f.metadata.get("help", ""), "aliases": aliases.get(key, [])})
+    return rows
+
+
+def config_markdown() -> str:
+    """docs/config.md: every field with its type, default, help and aliases (generated)."""
+    hints = {s: typing.get_type_hints(c) for s, c in _section_classes().items()}
+    out = ["# Configuration", "",
+           "Generated by `poise config docs > docs/config.md` from the dataclasses in",
+           "`poise_probe/config.py`; a test fails when this file is stale. `poise config show",
+           "[--config F] [key=value ...]` prints the effective values and where each came from.",
+           "Override any key as `section.key=value`, by its bare name when only one section has",
+           "it, or by a TRL/verl alias (last column).", ""]
+    by_section: dict[str, list[dict]] = {}
+    for row in describe(Config()):
+        by_section.setdefault(row["key"].split(".")[0], []).append(row)
+    for section, rows in by_section.items():
+        out += [f"## {section}", "", "| key | type | default | meaning | aliases |",
+                "|---|---|---|---|---|"]
+        for r in rows:
+            name = r["key"].split(".", 1)[1]
+            tp = _type_name(hints[section][name])
+            out.append(f"| `{r['key']}` | {tp} | `{_yaml_value(r['value'])}` | "
+                       f"{r['help'].replace('|', '/')} | "
+                       f"{', '.join(f'`{a}`' for a in r['aliases'])} |")
+        out.append("")
+    mapped = [f"- `{a}` -> `{c}`" + (f" ({', '.join(f'{k} -> {v}' for k, v in m.items())})"
+                                       if m else "") for a, (c, m) in ALIASES.items()]
+    out += ["## Aliases", "", *mapped, ""]
+    return "\n".join(out)
+
+
+def _type_name(tp) -> str:
+    return (str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            .replace(" | ", " or "))
+
+
+def _yaml_value(v) -> str:
+    return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()

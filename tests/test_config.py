@@ -97,3 +97,69 @@ def test_demo_is_the_poise_tiny_recipe():
     demo["data"]["eval_every"] = recipe["data"]["eval_every"]  # the demo evaluates at the ends
     demo["trainer"]["output_dir"] = recipe["trainer"]["output_dir"]
     assert demo == recipe
+
+
+# ------------------------------------------------------------------ config as a product
+
+def test_every_field_has_help_and_the_docs_are_current():
+    import dataclasses
+
+    from poise_probe.config import _section_classes, config_markdown
+
+    for section, cls in _section_classes().items():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{section}.{f.name} has no help"
+    doc = Path(__file__).parents[1] / "docs" / "config.md"
+    assert doc.read_text() == config_markdown(), \
+        "docs/config.md is stale: run `poise config docs > docs/config.md`"
+
+
+def test_trl_and_verl_aliases_map_to_canonical_keys(tmp_path):
+    from poise_probe.config import load_config_with_sources
+
+    cfg, src = load_config_with_sources(None, [
+        "learning_rate=3e-6", "clip_ratio_low=0.1", "clip_ratio_high=0.3", "beta=0.01",
+        "loss_type=grpo", "train_batch_size=16", "response_length=64",
+        "ppo_mini_batch_size=8", "grad_clip=0.5", "kl_loss_type=k3"])
+    assert cfg.optim.lr == 3e-6 and src["optim.lr"] == "override learning_rate=3e-6"
+    assert (cfg.algorithm.epsilon, cfg.algorithm.epsilon_high) == (0.1, 0.3)
+    assert cfg.algorithm.kl_coef == 0.01 and cfg.algorithm.kl_type == "k3"
+    assert cfg.algorithm.loss_agg_mode == "seq-mean-token-mean"
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.max_completion_length) == (16, 64)
+    assert (cfg.optim.mini_batch_prompts, cfg.optim.max_grad_norm) == (8, 0.5)
+    assert load_config(None, ["loss_type=dapo"]).algorithm.loss_agg_mode == "token-mean"
+    with pytest.raises(ValueError, match="loss_type.*dr_grpo|dr_grpo.*loss_agg_mode"):
+        load_config(None, ["loss_type=dr_grpo"])
+    # inside a YAML section too, and the source names the file and the alias
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  learning_rate: 2.0e-5\n")
+    cfg, src = load_config_with_sources(f)
+    assert cfg.optim.lr == 2e-5 and "optim.learning_rate" in src["optim.lr"]
+
+
+def test_one_definition_of_agg_modes_and_kl_kinds():
+    from poise_probe import config, losses
+
+    assert config.LOSS_AGG_MODES is losses.AGG_MODES
+    for kind in losses.KL_KINDS:                      # every kind the loss knows is accepted
+        assert load_config(None, [f"algorithm.kl_type={kind}"]).algorithm.kl_type == kind
+    with pytest.raises(ValueError, match="algorithm.kl_type"):
+        load_config(None, ["algorithm.kl_type=k9"])
+
+
+def test_config_show_names_sources_and_help(capsys):
+    import json
+
+    from poise_probe.cli import main
+
+    assert main(["config", "show", "--config", "training/configs/poise_tiny.yaml",
+                 "learning_rate=1e-5", "--json"]) == 0
+    rows = {r["key"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["optim.lr"]["value"] == 1e-5
+    assert rows["optim.lr"]["source"] == "override learning_rate=1e-5"
+    assert "learning_rate" in rows["optim.lr"]["aliases"]
+    assert rows["rollout.engine"]["source"] == "default"
+    assert rows["trainer.total_steps"]["source"].startswith("file ")
+    assert rows["optim.lr"]["help"]
+    assert main(["config", "show", "optim.lrr=1"]) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
