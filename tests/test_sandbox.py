@@ -1,6 +1,8 @@
 """Sandbox: normal programs get the right status; hostile ones stay contained, the host unharmed."""
 from __future__ import annotations
 
+import sys
+
 import os
 import secrets
 import shutil
@@ -328,3 +330,22 @@ def test_fallback_without_namespaces(monkeypatch):
     assert res.passed and res.stdout == "no net\n"
     assert "audit-hook-net" in res.isolation and "net-ns" not in res.isolation
     assert run_python("while True:\n    pass", limits=FAST).status == "timeout"
+
+
+def test_the_child_program_is_a_module_of_its_own():
+    """The child is code, not a string: importable (its main does not run on import), standard
+    library only, and the very file the host starts."""
+    import ast
+    import importlib
+
+    from poise_probe import sandbox
+
+    child = importlib.import_module("poise_probe.sandbox_child")
+    assert callable(child.namespaced) and callable(child.direct) and "addaudithook" in child.GUARD
+    assert sandbox._CHILD == child.__file__ and not hasattr(sandbox, "_BOOT")
+    tree = ast.parse(open(child.__file__).read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
