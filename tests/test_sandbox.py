@@ -1,14 +1,13 @@
 """Sandbox: normal programs get the right status; hostile ones stay contained, the host unharmed."""
 from __future__ import annotations
 
-import sys
-
 import os
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import tracemalloc
 
