@@ -277,6 +277,42 @@ def run_python(code: str, *, stdin: str | None = None,
 def _run(code: str, stdin: str | None, limits: SandboxLimits, workdir: str,
          uid: int | None) -> SandboxResult:
     """Start the child, feed stdin, capture output until exit or timeout, clean up, classify."""
+    start = time.monotonic()
+    try:
+        proc, status_r = _start_child(code, stdin, limits, workdir, uid)
+    except OSError as exc:
+        return SandboxResult("error", None, "", f"sandbox could not start: {exc}",
+                             time.monotonic() - start, False)
+    io = _ChildIO(proc, status_r, stdin, limits.max_output_bytes)
+    try:
+        timed_out = not io.pump(start + limits.wall_time_s)
+        duration = time.monotonic() - start
+        if timed_out:
+            if io.status_info().get("mode") == "ns":  # the init tears the namespace down
+                os.kill(proc.pid, signal.SIGTERM)
+                if not io.pump(time.monotonic() + _TERM_GRACE_S):
+                    logger.warning("sandbox init did not stop within %.1fs of SIGTERM; killing "
+                                   "it", _TERM_GRACE_S)
+        # no-namespace runs can leave children in the session; harmless when the group is gone
+        # (the unreaped leader holds the id)
+        _killpg(proc.pid)
+        try:
+            _, wait_status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(wait_status)
+        except ChildProcessError:  # someone else in this process reaped it (a waitpid(-1) loop)
+            wait_status, usage, proc.returncode = None, None, -1
+        if uid is not None and io.status_info().get("mode") != "ns":
+            _kill_uid(uid)
+        io.drain(time.monotonic() + _DRAIN_GRACE_S)
+    finally:
+        io.close()
+    return _result(io.status_info(), timed_out, wait_status, usage, duration, limits, io.out,
+                   io.err)
+
+
+def _start_child(code: str, stdin: str | None, limits: SandboxLimits, workdir: str,
+                 uid: int | None) -> tuple[subprocess.Popen, int]:
+    """Write the program, start sandbox_child.py on it; returns (process, status pipe's read end)."""
     with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
         f.write(code)
     if uid is not None:  # only used without namespaces; the tmpfs hides this dir otherwise
@@ -289,126 +325,118 @@ def _run(code: str, stdin: str | None, limits: SandboxLimits, workdir: str,
     cfg = {"status_fd": status_w, "parent_pid": os.getpid(), "workdir": workdir, "uid": uid,
            "gid": uid, "python": _PYTHON, "expose": expose, "env": _child_env(workdir),
            "limits": asdict(limits), "namespaces": _USE_NAMESPACES}
-    start = time.monotonic()
     try:
         proc = subprocess.Popen(
             [_PYTHON, "-I", "-S", "-B", _CHILD, json.dumps(cfg)],
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
             env=_child_env(workdir), start_new_session=True, pass_fds=(status_w,))
-    except OSError as exc:
+    except OSError:
         os.close(status_r)
-        return SandboxResult("error", None, "", f"sandbox could not start: {exc}",
-                             time.monotonic() - start, False)
+        raise
     finally:
         os.close(status_w)
+    return proc, status_r
 
-    out, err, status = _Capture(limits.max_output_bytes), _Capture(limits.max_output_bytes), \
-        _Capture(1 << 16)
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ, out)
-    sel.register(proc.stderr, selectors.EVENT_READ, err)
-    sel.register(status_r, selectors.EVENT_READ, status)
-    pending = memoryview(stdin.encode("utf-8")) if stdin is not None else None
-    if proc.stdin is not None:
-        os.set_blocking(proc.stdin.fileno(), False)
-        sel.register(proc.stdin, selectors.EVENT_WRITE, None)
-    try:
-        pidfd = os.pidfd_open(proc.pid)
-        sel.register(pidfd, selectors.EVENT_READ, "exit")
-    except (AttributeError, OSError):
-        pidfd = None
 
-    def pump(until: float) -> bool:
+class _ChildIO:
+    """The child's pipes: stdin fed, stdout/stderr/status captured, one selector for all."""
+
+    def __init__(self, proc: subprocess.Popen, status_r: int, stdin: str | None, cap: int):
+        self.proc, self.status_r = proc, status_r
+        self.out, self.err, self.status = _Capture(cap), _Capture(cap), _Capture(1 << 16)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(proc.stdout, selectors.EVENT_READ, self.out)
+        self.sel.register(proc.stderr, selectors.EVENT_READ, self.err)
+        self.sel.register(status_r, selectors.EVENT_READ, self.status)
+        self.pending = memoryview(stdin.encode("utf-8")) if stdin is not None else None
+        if proc.stdin is not None:
+            os.set_blocking(proc.stdin.fileno(), False)
+            self.sel.register(proc.stdin, selectors.EVENT_WRITE, None)
+        try:
+            self.pidfd = os.pidfd_open(proc.pid)
+            self.sel.register(self.pidfd, selectors.EVENT_READ, "exit")
+        except (AttributeError, OSError):
+            self.pidfd = None
+
+    def pump(self, until: float) -> bool:
         """Move data until the child's leader exits (True) or `until` passes (False)."""
-        nonlocal pending
-        while not _exited(proc.pid):
+        while not _exited(self.proc.pid):
             left = until - time.monotonic()
             if left <= 0:
                 return False
-            for key, _ in sel.select(min(left, 0.02) if pidfd is None else left):
+            for key, _ in self.sel.select(min(left, 0.02) if self.pidfd is None else left):
                 if key.data == "exit":
                     continue
-                if key.data is None:  # stdin
-                    try:
-                        n = os.write(key.fd, pending[:65536])
-                        pending = pending[n:]
-                    except BlockingIOError:
-                        continue
-                    except OSError:  # the program stopped reading
-                        pending = pending[:0]
-                    if not pending:
-                        sel.unregister(key.fileobj)
-                        try:
-                            proc.stdin.close()
-                        except OSError:
-                            pass
+                if key.data is None:
+                    self._feed_stdin(key)
                     continue
-                data = os.read(key.fd, 65536)
-                if data:
-                    key.data.feed(data)
-                else:
-                    sel.unregister(key.fileobj)
+                self._read(key)
         return True
 
-    def parse_status() -> dict:
+    def _feed_stdin(self, key) -> None:
+        try:
+            n = os.write(key.fd, self.pending[:65536])
+            self.pending = self.pending[n:]
+        except BlockingIOError:
+            return
+        except OSError:  # the program stopped reading
+            self.pending = self.pending[:0]
+        if not self.pending:
+            self.sel.unregister(key.fileobj)
+            self._close_stdin()
+
+    def _read(self, key) -> None:
+        data = os.read(key.fd, 65536)
+        if data:
+            key.data.feed(data)
+        else:
+            self.sel.unregister(key.fileobj)
+
+    def drain(self, until: float) -> None:
+        """After the child is gone: read what its pipes still hold, until they close or `until`.
+        The pipes close once every process holding them is gone."""
+        captures = (self.out, self.err, self.status)
+        for key in list(self.sel.get_map().values()):
+            if key.data not in captures:
+                self.sel.unregister(key.fileobj)
+        self._close_stdin()
+        while [k for k in self.sel.get_map().values() if k.data in captures]:
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            for key, _ in self.sel.select(left):
+                if key.data in captures:
+                    self._read(key)
+
+    def status_info(self) -> dict:
+        """The JSON lines the child wrote on the status pipe, merged."""
         merged: dict = {}
-        for line in bytes(status.head).decode(errors="replace").splitlines():
+        for line in bytes(self.status.head).decode(errors="replace").splitlines():
             try:
                 merged.update(json.loads(line))
             except json.JSONDecodeError:
                 continue
         return merged
 
-    timed_out = not pump(start + limits.wall_time_s)
-    duration = time.monotonic() - start
-    if timed_out:
-        if parse_status().get("mode") == "ns":  # the init tears the namespace down
-            os.kill(proc.pid, signal.SIGTERM)
-            if not pump(time.monotonic() + _TERM_GRACE_S):
-                logger.warning("sandbox init did not stop within %.1fs of SIGTERM; killing it",
-                               _TERM_GRACE_S)
-        _killpg(proc.pid)  # harmless when the group is gone: the unreaped leader holds the id
-    else:
-        _killpg(proc.pid)  # children left in the session when there are no namespaces
-    try:
-        _, wait_status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(wait_status)
-    except ChildProcessError:  # someone else in this process reaped it (a waitpid(-1) loop)
-        wait_status, usage, proc.returncode = None, None, -1
-    info = parse_status()
-    if uid is not None and info.get("mode") != "ns":
-        _kill_uid(uid)
-    # The pipes close once every process holding them is gone; wait a little for that.
-    for key in list(sel.get_map().values()):
-        if key.data not in (out, err, status):
-            sel.unregister(key.fileobj)
-    if proc.stdin is not None and not proc.stdin.closed:
-        try:
-            proc.stdin.close()
-        except OSError:
-            pass
-    drain_until = time.monotonic() + _DRAIN_GRACE_S
-    while [k for k in sel.get_map().values() if k.data in (out, err, status)]:
-        left = drain_until - time.monotonic()
-        if left <= 0:
-            break
-        for key, _ in sel.select(left):
-            if key.data in (out, err, status):
-                data = os.read(key.fd, 65536)
-                if data:
-                    key.data.feed(data)
-                else:
-                    sel.unregister(key.fileobj)
-    sel.close()
-    for f in (proc.stdin, proc.stdout, proc.stderr):
-        if f is not None and not f.closed:
-            f.close()
-    os.close(status_r)
-    if pidfd is not None:
-        os.close(pidfd)
-    info = parse_status()
-    return _result(info, timed_out, wait_status, usage, duration, limits, out, err)
+    def _close_stdin(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sel.close()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f is not None and not f.closed:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        os.close(self.status_r)
+        if self.pidfd is not None:
+            os.close(self.pidfd)
 
 
 def _killpg(pgid: int) -> None:
