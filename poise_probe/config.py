@@ -12,8 +12,9 @@ from typing import Any
 
 import yaml
 
-from poise_probe.losses import AGG_MODES as LOSS_AGG_MODES  # noqa: E402 (one definition)
-from poise_probe.losses import KL_KINDS  # noqa: E402
+from poise_probe.losses import AGG_MODES as LOSS_AGG_MODES  # one definition, the loss's
+from poise_probe.losses import KL_KINDS
+
 ROLLOUT_ENGINES = ("hf", "vllm")
 
 

@@ -19,11 +19,26 @@ from poise_probe.probe import ProbeBank, loo_targets
 from poise_probe.rollout.collect import Rollouts
 
 
+def probe_targets(batch: Rollouts) -> np.ndarray:
+    """(N,) the probe's target per rollout: its siblings' mean score; NaN if it has none."""
+    try:
+        return loo_targets(batch.scores.numpy(), batch.group_ids.numpy())
+    except ValueError:  # a lone rollout has no siblings, so no target
+        return np.full(len(batch.response_ids), np.nan)
+
+
+def sequence_baselines(adv: AdvantageResult, seq_adv: torch.Tensor,
+                       rewards: torch.Tensor) -> torch.Tensor:
+    """(N,) baselines: the estimator's, or r - mean token advantage for token-level ones."""
+    return rewards - seq_adv if adv.token_level else adv.baselines
+
+
 def step_metrics(batch: Rollouts, adv: AdvantageResult, seq_adv: torch.Tensor, preds, fitted,
-                 raw, used, entropies, cfg: Config) -> dict:
+                 raw, used, entropies, targets, cfg: Config) -> dict:
     """Reward, probe, advantage and token statistics of one step (slash-grouped names).
 
-    `seq_adv` (N,) are the per-rollout advantages (token-level ones averaged per rollout).
+    `seq_adv` (N,) are the per-rollout advantages (token-level ones averaged per rollout);
+    `targets` (N,) the probe's targets (`probe_targets`).
     """
     r = batch.rewards
     g = batch.group_ids
@@ -45,10 +60,9 @@ def step_metrics(batch: Rollouts, adv: AdvantageResult, seq_adv: torch.Tensor, p
     m["probe/used_frac"] = float(used.float().mean())
     if fitted.any():  # the probe predicts the verifier's score, not a shaped reward
         s = batch.scores.numpy()
-        targets = loo_targets(s, g.numpy())
         m.update(probe_diagnostics(preds[fitted], targets[fitted], s[fitted],
                                    g.numpy()[fitted], raw_preds=raw[fitted]))
-    baselines = adv.baselines if not adv.token_level else r - seq_adv
+    baselines = sequence_baselines(adv, seq_adv, r)
     scale = adv.scale if not adv.token_level else torch.ones_like(r)
     m.update(advantage_diagnostics(seq_adv.numpy(), baselines.numpy(), r.numpy(),
                                    scale=scale.numpy()))
@@ -56,7 +70,7 @@ def step_metrics(batch: Rollouts, adv: AdvantageResult, seq_adv: torch.Tensor, p
 
 
 def rollout_table(step, batch: Rollouts, preds, adv: AdvantageResult, seq_adv, entropies,
-                  log_probs, tokenizer, tags: TagIds, reasoning_window: int) -> dict:
+                  log_probs, targets, tokenizer, tags: TagIds, reasoning_window: int) -> dict:
     """Columns of `rollouts/step_XXXXXX.parquet` (see docs/run-format.md).
 
     `entropies` and `log_probs` are the old-policy pass's (N, T) tensors, right-padded;
@@ -69,11 +83,6 @@ def rollout_table(step, batch: Rollouts, preds, adv: AdvantageResult, seq_adv, e
     lens = [len(x) for x in batch.response_ids]
     lp = log_probs.detach().float().cpu().numpy()
     spans = [response_spans(ids, tags, reasoning_window) for ids in batch.response_ids]
-    scores = batch.scores.numpy()
-    try:
-        target = loo_targets(scores, batch.group_ids.numpy())
-    except ValueError:  # a lone rollout has no siblings, so no target
-        target = np.full(n, np.nan)
     token_adv = None
     if adv.token_level:
         ta = adv.advantages.detach().float().cpu().numpy()
@@ -93,9 +102,8 @@ def rollout_table(step, batch: Rollouts, preds, adv: AdvantageResult, seq_adv, e
         "reward": batch.rewards.tolist(),
         "score": batch.scores.tolist(),
         "probe_pred": [float(x) for x in preds],
-        "probe_target": target.astype(np.float64).tolist(),
-        "baseline": (batch.rewards - seq_adv).tolist() if adv.token_level
-        else adv.baselines.tolist(),
+        "probe_target": np.asarray(targets, dtype=np.float64).tolist(),
+        "baseline": sequence_baselines(adv, seq_adv, batch.rewards).tolist(),
         "advantage": seq_adv.tolist(),
         "token_entropies": [entropies[i, :lens[i]].tolist() for i in range(n)],
         "num_tokens": lens,

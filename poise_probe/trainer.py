@@ -35,7 +35,7 @@ from poise_probe.features import TagIds
 from poise_probe.losses import logprob_mismatch, truncated_is_weights
 from poise_probe.models import load_policy
 from poise_probe.probe import ProbeBank
-from poise_probe.records import probe_snapshot, rollout_table, step_metrics
+from poise_probe.records import probe_snapshot, probe_targets, rollout_table, step_metrics
 from poise_probe.rollout import RolloutEngine, SamplingSettings, make_engine, sampling_settings
 from poise_probe.rollout.collect import collect_rollouts
 from poise_probe.rundir import RunWriter
@@ -226,13 +226,15 @@ def train_step(step: int, run: Run) -> dict:
     timing["sync"] = time.perf_counter() - t
 
     # 9. diagnostics, rollout table, probe snapshot
-    metrics.update(step_metrics(batch, adv, seq_adv, preds, fitted, raw, used, entropies, cfg))
+    targets = probe_targets(batch)
+    metrics.update(step_metrics(batch, adv, seq_adv, preds, fitted, raw, used, entropies,
+                                targets, cfg))
     metrics.update(probe_metrics)
     metrics.update(update_metrics)
     if step % cfg.trainer.log_rollouts_every == 0:
         run.writer.write_rollouts(step, rollout_table(
-            step, batch, preds, adv, seq_adv, entropies, old_log_probs, run.tokenizer,
-            run.tags, cfg.probe.reasoning_window))
+            step, batch, preds, adv, seq_adv, entropies, old_log_probs, targets,
+            run.tokenizer, run.tags, cfg.probe.reasoning_window))
     if step % cfg.probe.snapshot_every == 0 or step == cfg.trainer.total_steps:
         run.writer.write_probe_snapshot(step, probe_snapshot(st.bank),
                                         {"layer": run.layer, "step": step})

@@ -1,7 +1,6 @@
 """Rollout engines (`hf`, `vllm`) behind one interface, and the step's rollout collection."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from poise_probe.rollout.base import RolloutEngine, SamplingSettings
 from poise_probe.rollout.hf import HFEngine
