@@ -280,8 +280,8 @@ def test_live_mode_reads_only_appended_lines_and_new_tables(runs, tmp_path, monk
     live = fx.copy_run(runs["poise"], tmp_path / "live")
     fx.mark_running(live)                          # this test process is its "writer"
     reads = []
-    real = rundir._read_parquet
-    monkeypatch.setattr(rundir, "_read_parquet",
+    real = rundir.reader.read_parquet
+    monkeypatch.setattr(rundir.reader, "read_parquet",
                         lambda path, *a, **k: reads.append(Path(path).name) or real(path, *a, **k))
     at = open_app(monkeypatch, live, page="training")
     assert "live" in texts(at) and "refreshed" in texts(at)      # the timer is on
@@ -309,7 +309,7 @@ def test_live_mode_reads_only_appended_lines_and_new_tables(runs, tmp_path, monk
     assert reads == []                                           # unchanged files: cache
     new = RunReader(live).rollouts(3)
     new["step"] = 4
-    table = rundir._as_rollout_table(new, 4)
+    table = rundir.as_rollout_table(new, 4)
     tmp = live / "rollouts" / ".step_000004.parquet.tmp-1-ab"
     import pyarrow.parquet as pq
 

@@ -67,7 +67,7 @@ def test_atomic_write_failing_rename_keeps_old_file(tmp_path, monkeypatch):
 
     def crash(src, dst):
         raise OSError("simulated crash before rename")
-    monkeypatch.setattr(rundir.os, "replace", crash)
+    monkeypatch.setattr(rundir.fs.os, "replace", crash)
     with pytest.raises(OSError, match="simulated"):
         atomic_write_text(target, "partial")
     assert json.loads(target.read_text()) == {"v": 1}
@@ -83,7 +83,7 @@ def test_killed_writer_leaves_old_files_and_reads_as_crashed(tmp_path):
         w = rundir.RunWriter({str(run)!r}, config={{}}, meta={META!r})
         w.write_rollouts(0, make_rows(0))
         w.log_metrics(0, {{"reward/mean": 0.5}})
-        rundir.os.replace = lambda src, dst: os._exit(3)   # die right before the rename
+        rundir.fs.os.replace = lambda src, dst: os._exit(3)   # die right before the rename
         w.write_rollouts(0, make_rows(0, n_groups=5))
     """)
     source = f"import numpy as np\n{_source_of_make_rows()}\n{script}"

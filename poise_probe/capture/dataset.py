@@ -29,10 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from poise_probe.rundir import (
-    _git_commit,
-    _now_iso,
     atomic_write_bytes,
     atomic_write_json,
+    git_commit,
+    now_iso,
 )
 
 __all__ = [
@@ -351,8 +351,8 @@ class ConcatDataset(CaptureDataset):
 
 
 def new_manifest(**fields) -> dict:
-    return {"kind": MANIFEST_KIND, "schema_version": SCHEMA_VERSION, "created": _now_iso(),
-            "git_commit": _git_commit(), **fields, "complete": False}
+    return {"kind": MANIFEST_KIND, "schema_version": SCHEMA_VERSION, "created": now_iso(),
+            "git_commit": git_commit(), **fields, "complete": False}
 
 
 def write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:

@@ -25,7 +25,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from poise_probe.rundir import _now_iso, atomic_write_json, atomic_write_text
+from poise_probe.rundir import atomic_write_json, atomic_write_text, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class StudyWriter:
         self.root.mkdir(parents=True, exist_ok=True)
         self.png = png
         path = self.root / "study.json"
-        self.meta: dict[str, Any] = {"kind": STUDY_KIND, "created": _now_iso(), "analyses": {}}
+        self.meta: dict[str, Any] = {"kind": STUDY_KIND, "created": now_iso(), "analyses": {}}
         if path.is_file():
             try:
                 old = json.loads(path.read_text())
@@ -92,7 +92,7 @@ class StudyWriter:
         return d / f"{name}.json"
 
     def record(self, analysis: str, info: Mapping[str, Any]) -> None:
-        self.meta["analyses"][analysis] = {"updated": _now_iso(), **_plain(info)}
+        self.meta["analyses"][analysis] = {"updated": now_iso(), **_plain(info)}
         atomic_write_json(self.root / "study.json", self.meta)
 
 
