@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from poise_probe import stats
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -246,8 +248,9 @@ def _sibling_mean(name: str, values: Tensor, group_ids: Tensor) -> Tensor:
     """Mean of `values` over the *other* rows of each row's group; (N,) -> (N,)."""
     uniq, inverse, counts = _group_index(group_ids)
     _require_siblings(name, uniq, counts)
-    total = _group_sum(values, inverse, len(uniq))  # (G,)
-    return (total[inverse] - values) / (counts[inverse] - 1).to(values.dtype)
+    # stats.loo_mean sums in float64 with 0/1 weights: with two rollouts, the sibling bit for bit
+    loo = stats.loo_mean(values.detach().cpu().double().numpy(), inverse.cpu().numpy())
+    return torch.from_numpy(loo).to(dtype=values.dtype, device=values.device)
 
 
 @register_adv_est("poise")

@@ -12,73 +12,10 @@ import math
 
 import numpy as np
 
-from poise_probe.probe import _as_id_list, _group_index
+from poise_probe import stats
+from poise_probe.stats import cross_mean, pearson, ratio_skill, spread_var, vec
 
 __all__ = ["probe_diagnostics", "advantage_diagnostics"]
-
-NAN = float("nan")
-
-
-def _vec(name: str, a, n: int | None = None) -> np.ndarray:
-    """1-D finite float64 array of length n, else ValueError naming the argument."""
-    v = np.asarray(a, dtype=np.float64)
-    if v.ndim != 1:
-        raise ValueError(f"{name} must be 1-D; got shape {v.shape}.")
-    if n is not None and v.shape[0] != n:
-        raise ValueError(f"{name} has {v.shape[0]} values; expected {n}.")
-    bad = ~np.isfinite(v)
-    if bad.any():
-        raise ValueError(f"{name} contains NaN or inf (first at index {int(np.argmax(bad))}); "
-                         f"pass only rows with a fitted probe (ProbeBank.predict's mask).")
-    return v
-
-
-def _ratio_skill(num: float, den: float) -> float:
-    """1 - num/den, NaN when den is 0 (nothing to explain)."""
-    return 1.0 - num / den if den > 0 else NAN
-
-
-def _var(x: np.ndarray) -> float:
-    """Population variance, exactly 0 for constant values: np.var([0.3] * 3) is ~1e-34 (the mean
-    rounds), which would turn 1 - num/den into a huge number instead of NaN."""
-    return 0.0 if x.size == 0 or np.ptp(x) == 0 else float(np.var(x))
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    if a.size == 0 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return NAN
-    da, db = a - a.mean(), b - b.mean()
-    den = math.sqrt(float(da @ da) * float(db @ db))
-    return float(da @ db) / den if den > 0 else NAN
-
-
-def _cross_baseline(preds: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:
-    """b_i = mean over j != i in i's group of preds_j: the baseline POISE subtracts from r_i."""
-    sizes = np.bincount(codes, minlength=n_groups)
-    if (sizes < 2).any():
-        raise ValueError("every prompt needs >= 2 rollouts: the baseline of a rollout is the "
-                         "mean prediction from its siblings' features.")
-    sums = np.bincount(codes, weights=preds, minlength=n_groups)
-    return (sums[codes] - preds) / (sizes[codes] - 1)
-
-
-def _pair_sign_accuracy(preds: np.ndarray, rewards: np.ndarray, codes: np.ndarray,
-                        n_groups: int) -> float:
-    """Share of (higher-, lower-reward) rollout pairs of one prompt with pred(higher) > pred(lower).
-
-    Ties in prediction count 1/2 (a constant probe scores 0.5); NaN without any such pair.
-    """
-    hits, pairs = 0.0, 0
-    for g in range(n_groups):
-        idx = np.flatnonzero(codes == g)
-        r, p = rewards[idx], preds[idx]
-        hi = r[:, None] > r[None, :]  # (k, k): row rollout earned more than column rollout
-        n = int(hi.sum())
-        if n:
-            dp = p[:, None] - p[None, :]
-            hits += float((dp[hi] > 0).sum()) + 0.5 * float((dp[hi] == 0).sum())
-            pairs += n
-    return hits / pairs if pairs else NAN
 
 
 def probe_diagnostics(preds, targets, rewards, group_ids, *, raw_preds=None,
@@ -115,27 +52,17 @@ def probe_diagnostics(preds, targets, rewards, group_ids, *, raw_preds=None,
     With raw_preds also: ``frac_clipped_low`` / ``frac_clipped_high`` (share of raw < 0 /
     > 1), ``raw_mae`` and ``raw_explained_var`` (mae / explained_var before clipping).
     """
-    p = _vec("preds", preds)
+    p = vec("preds", preds)
     n = p.shape[0]
     if n == 0:
         raise ValueError("probe_diagnostics needs at least one rollout.")
-    t = _vec("targets", targets, n)
-    r = _vec("rewards", rewards, n)
-    ids = _as_id_list(group_ids)
-    if len(ids) != n:
-        raise ValueError(f"group_ids has {len(ids)} values; expected {n}.")
-    codes, uniq = _group_index(ids)
-    G = len(uniq)
-
+    t = vec("targets", targets, n)
+    r = vec("rewards", rewards, n)
+    codes, _ = stats.group_codes(group_ids, n)
     err = p - t
     mse = float(np.mean(err ** 2))
-    var_r = _var(r)
-    b = _cross_baseline(p, codes, G)
-    sizes = np.bincount(codes, minlength=G)
-    gmean = np.bincount(codes, weights=r, minlength=G) / sizes
-    s2 = np.bincount(codes, weights=(r - gmean[codes]) ** 2, minlength=G) / (sizes - 1)
-    var_b = _var(b)
-    slope = float(np.mean((b - b.mean()) * (r - r.mean()))) / var_b if var_b > 0 else NAN
+    b = cross_mean(p, codes)  # the baseline the advantage uses
+    slope, intercept = stats.calibration_slope_intercept(b, r)
     p10, p50, p90 = np.percentile(p, [10, 50, 90])
 
     k = f"{prefix}/"
@@ -143,25 +70,25 @@ def probe_diagnostics(preds, targets, rewards, group_ids, *, raw_preds=None,
         k + "mae": float(np.mean(np.abs(err))),
         k + "rmse": math.sqrt(mse),
         k + "bias": float(np.mean(err)),
-        k + "pearson": _pearson(p, t),
-        k + "brier_skill": _ratio_skill(mse, _var(t)),
-        k + "explained_var": _ratio_skill(float(np.var(r - b)), var_r),
-        k + "ev_ceiling": _ratio_skill(float(np.mean(s2[codes])), var_r),
+        k + "pearson": pearson(p, t),
+        k + "brier_skill": ratio_skill(mse, spread_var(t)),
+        k + "explained_var": stats.explained_variance(r, b),
+        k + "ev_ceiling": stats.explained_variance_ceiling(r, codes),
         k + "calib_slope": slope,
-        k + "calib_intercept": float(r.mean() - slope * b.mean()) if var_b > 0 else NAN,
+        k + "calib_intercept": intercept,
         k + "pred_p10": float(p10),
         k + "pred_p50": float(p50),
         k + "pred_p90": float(p90),
-        k + "pair_sign_acc": _pair_sign_accuracy(p, r, codes, G),
+        k + "pair_sign_acc": stats.pair_sign_accuracy(p, r, codes)[0],
         k + "n": float(n),
     }
     if raw_preds is not None:
-        raw = _vec("raw_preds", raw_preds, n)
-        b_raw = _cross_baseline(raw, codes, G)
+        raw = vec("raw_preds", raw_preds, n)
+        b_raw = cross_mean(raw, codes)
         out[k + "frac_clipped_low"] = float(np.mean(raw < 0.0))
         out[k + "frac_clipped_high"] = float(np.mean(raw > 1.0))
         out[k + "raw_mae"] = float(np.mean(np.abs(raw - t)))
-        out[k + "raw_explained_var"] = _ratio_skill(float(np.var(r - b_raw)), var_r)
+        out[k + "raw_explained_var"] = stats.explained_variance(r, b_raw)
     return out
 
 
@@ -181,17 +108,17 @@ def advantage_diagnostics(advantages, baselines, rewards, scale=None,
       advantage was built from these baselines.
     - ``baseline_mean``: mean of b.
     """
-    a = _vec("advantages", advantages)
+    a = vec("advantages", advantages)
     n = a.shape[0]
     if n == 0:
         raise ValueError("advantage_diagnostics needs at least one rollout.")
-    b = _vec("baselines", baselines, n)
-    r = _vec("rewards", rewards, n)
+    b = vec("baselines", baselines, n)
+    r = vec("rewards", rewards, n)
     if scale is None:
         s = np.ones(n)
     else:
         s = np.asarray(scale, dtype=np.float64)
-        s = np.full(n, float(s)) if s.ndim == 0 else _vec("scale", s, n)
+        s = np.full(n, float(s)) if s.ndim == 0 else vec("scale", s, n)
     unscaled = a * s  # (n,) = r - b
     k = f"{prefix}/"
     return {
@@ -199,7 +126,7 @@ def advantage_diagnostics(advantages, baselines, rewards, scale=None,
         k + "std": float(a.std()),
         k + "abs_mean": float(np.abs(a).mean()),
         k + "frac_pos": float(np.mean(a > 0)),
-        k + "var_reduction": _ratio_skill(_var(unscaled), _var(r)),
+        k + "var_reduction": ratio_skill(spread_var(unscaled), spread_var(r)),
         k + "identity_max_abs_err": float(np.max(np.abs(unscaled + b - r))),
         k + "baseline_mean": float(b.mean()),
     }

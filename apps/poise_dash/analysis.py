@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from poise_probe import stats
+
 #: |advantage| below this counts as zero (float noise: r - b can be 6e-8 when r == b).
 ZERO_ADVANTAGE = 1e-6
 
@@ -177,61 +179,60 @@ def target_column(df: pd.DataFrame) -> str:
     return "reward"
 
 
-def reliability_bins(pred: np.ndarray, obs: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
-    """Equal-mass bins of the predictions: mean prediction, mean outcome and a 95% interval.
-
-    The interval is the normal one on the bin's mean outcome (standard error of the mean),
-    clipped to [0, 1]; equal-mass bins keep every point's standard error comparable.
-    """
+def _finite_pair(pred, obs) -> tuple[np.ndarray, np.ndarray]:
     pred, obs = np.asarray(pred, float), np.asarray(obs, float)
     keep = np.isfinite(pred) & np.isfinite(obs)
-    pred, obs = pred[keep], obs[keep]
+    return pred[keep], obs[keep]
+
+
+def reliability_bins(pred: np.ndarray, obs: np.ndarray, n_bins: int | None = None,
+                     strategy: str = stats.DEFAULT_STRATEGY) -> pd.DataFrame:
+    """`poise_probe.stats.reliability_table` of the finite (prediction, outcome) pairs, with the
+    figure's column names: mean prediction and outcome per bin, a 95% interval on the outcome
+    (Wilson for 0/1 outcomes) and the predictions' range. n_bins None: about n^(1/3) bins;
+    strategy: equal-mass ("quantile", the project's default) or equal-width ("uniform")."""
+    p, y = _finite_pair(pred, obs)
     cols = ["bin", "n", "pred_mean", "obs_mean", "obs_lo", "obs_hi", "pred_lo", "pred_hi"]
-    if len(pred) == 0:
+    if len(p) == 0:
         return pd.DataFrame(columns=cols)
-    order = np.argsort(pred, kind="stable")
-    rows = []
-    for i, idx in enumerate(np.array_split(order, min(n_bins, len(pred)))):
-        p, o = pred[idx], obs[idx]
-        se = float(o.std(ddof=1) / math.sqrt(len(o))) if len(o) > 1 else float("nan")
-        m = float(o.mean())
-        rows.append({"bin": i, "n": len(idx), "pred_mean": float(p.mean()), "obs_mean": m,
-                     "obs_lo": max(0.0, m - 1.96 * se) if math.isfinite(se) else m,
-                     "obs_hi": min(1.0, m + 1.96 * se) if math.isfinite(se) else m,
-                     "pred_lo": float(p.min()), "pred_hi": float(p.max())})
-    return pd.DataFrame(rows, columns=cols)
+    t = stats.reliability_table(p, y, n_bins, strategy).rename(columns={
+        "mean_pred": "pred_mean", "mean_outcome": "obs_mean", "ci_low": "obs_lo",
+        "ci_high": "obs_hi", "pred_min": "pred_lo", "pred_max": "pred_hi"})
+    # a one-row bin of fractional outcomes has no interval: draw none
+    t["obs_lo"] = t["obs_lo"].fillna(t["obs_mean"])
+    t["obs_hi"] = t["obs_hi"].fillna(t["obs_mean"])
+    return t[cols]
 
 
 def expected_calibration_error(bins: pd.DataFrame) -> float:
-    """ECE over the bins: sum_b n_b/N |mean outcome_b - mean prediction_b|."""
-    if bins.empty:
-        return float("nan")
-    w = bins["n"] / bins["n"].sum()
-    return float((w * (bins["obs_mean"] - bins["pred_mean"]).abs()).sum())
+    """ECE over `reliability_bins`: sum_b n_b/N |mean outcome_b - mean prediction_b|."""
+    return stats.ece_of_table(bins.rename(columns={"pred_mean": "mean_pred",
+                                                   "obs_mean": "mean_outcome"}))
 
 
-def calibration_summary(pred: np.ndarray, obs: np.ndarray, n_bins: int = 10) -> dict[str, float]:
-    """MAE, bias, Pearson, Brier skill (1 - MSE/Var(y)), ECE and calibration slope/intercept."""
-    pred, obs = np.asarray(pred, float), np.asarray(obs, float)
-    keep = np.isfinite(pred) & np.isfinite(obs)
-    p, y = pred[keep], obs[keep]
+def calibration_summary(pred: np.ndarray, obs: np.ndarray, n_bins: int | None = None,
+                        strategy: str = stats.DEFAULT_STRATEGY) -> dict[str, float]:
+    """MAE, bias, Pearson, Brier skill (1 - MSE/Var(y)), ECE and calibration slope/intercept of
+    the finite pairs, each as `poise_probe.stats` defines it (the probe studies' numbers)."""
+    p, y = _finite_pair(pred, obs)
     out = {"n": float(len(p))}
     if len(p) == 0:
         return out | {k: float("nan") for k in ("mae", "bias", "pearson", "brier_skill", "ece",
                                                 "slope", "intercept")}
     err = p - y
-    var_y, var_p = float(y.var()), float(p.var())
     out["mae"] = float(np.abs(err).mean())
     out["bias"] = float(err.mean())
-    out["pearson"] = (float(np.corrcoef(p, y)[0, 1]) if var_y > 0 and var_p > 0
-                      else float("nan"))
-    out["brier_skill"] = 1.0 - float((err ** 2).mean()) / var_y if var_y > 0 else float("nan")
-    out["ece"] = expected_calibration_error(reliability_bins(p, y, n_bins))
+    out["pearson"] = stats.pearson(p, y)
+    out["brier_skill"] = stats.brier_skill(p, y)
+    out["ece"] = expected_calibration_error(reliability_bins(p, y, n_bins, strategy))
     # Slope of outcome on prediction: 1 is calibrated, < 1 over-confident.
-    out["slope"] = float(np.cov(p, y, ddof=0)[0, 1] / var_p) if var_p > 0 else float("nan")
-    out["intercept"] = (float(y.mean() - out["slope"] * p.mean())
-                        if math.isfinite(out["slope"]) else float("nan"))
+    out["slope"], out["intercept"] = stats.calibration_slope_intercept(p, y)
     return out
+
+
+def _group_codes(df: pd.DataFrame) -> np.ndarray:
+    """One code per (step, group_id): a prompt's rollouts within one step."""
+    return df.groupby(["step", "group_id"], sort=False).ngroup().to_numpy()
 
 
 def pair_sign_accuracy(df: pd.DataFrame, target: str,
@@ -239,30 +240,27 @@ def pair_sign_accuracy(df: pd.DataFrame, target: str,
     """Share of within-group pairs with different outcomes that the probe orders correctly.
 
     Pairs come from rollouts of one prompt (same step and group_id); a tie in the predictions
-    counts one half. Returns (accuracy, number of pairs); NaN when there are no such pairs.
+    counts one half (`poise_probe.stats.pair_sign_accuracy`). Returns (accuracy, number of
+    pairs); NaN when there are no such pairs.
     """
-    cols = ["step", "group_id", "rollout_idx", target, pred]
+    cols = ["step", "group_id", target, pred]
     if any(c not in df for c in cols):
         return float("nan"), 0
     d = df[cols].dropna(subset=[target, pred])
-    pairs = d.merge(d, on=["step", "group_id"], suffixes=("_a", "_b"))
-    pairs = pairs[(pairs["rollout_idx_a"] < pairs["rollout_idx_b"])
-                  & (pairs[f"{target}_a"] != pairs[f"{target}_b"])]
-    if pairs.empty:
+    if d.empty:
         return float("nan"), 0
-    dy = np.sign(pairs[f"{target}_a"] - pairs[f"{target}_b"])
-    dp = np.sign(pairs[f"{pred}_a"] - pairs[f"{pred}_b"])
-    score = np.where(dp == 0, 0.5, (dy == dp).astype(float))
-    return float(score.mean()), len(pairs)
+    return stats.pair_sign_accuracy(d[pred].to_numpy(float), d[target].to_numpy(float),
+                                    _group_codes(d))
 
 
 def sibling_mean(df: pd.DataFrame, column: str) -> pd.Series:
     """Leave-one-out mean of `column` over the other rollouts of each row's prompt (same step
-    and group_id); NaN for a lone rollout. The same numbers as `poise_probe.probe.loo_targets`
-    (which the dashboard does not import: it pulls in the trainer's stack)."""
-    grp = df.groupby(["step", "group_id"])[column]
-    k = grp.transform("count")
-    return ((grp.transform("sum") - df[column]) / (k - 1)).where(k > 1)
+    and group_id), `poise_probe.stats.loo_mean`: the trainer's `loo_targets`. NaN for a lone
+    rollout; missing values are left out of their siblings' means."""
+    if df.empty:
+        return pd.Series([], index=df.index, dtype=float)
+    values = pd.to_numeric(df[column], errors="coerce").to_numpy(float)
+    return pd.Series(stats.loo_mean(values, _group_codes(df)), index=df.index)
 
 
 def probe_targets(df: pd.DataFrame) -> tuple[pd.Series, str]:

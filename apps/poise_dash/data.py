@@ -324,12 +324,12 @@ def load_rollouts(run: str, steps: list[int] | None = None,
 
 
 @st.cache_resource(max_entries=64, show_spinner=False)
-def _calibration_memo(run: str, n_bins: int) -> dict[int, tuple[tuple[int, int], dict]]:
+def _calibration_memo(run: str, n_bins: int | None) -> dict[int, tuple[tuple[int, int], dict]]:
     """{step: (file identity, summary)} of a run, shared by sessions, filled as steps appear."""
     return {}
 
 
-def calibration_history(run: str, n_bins: int = 10) -> tuple[pd.DataFrame, list[str]]:
+def calibration_history(run: str, n_bins: int | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Per-step calibration of the probe's predictions over every rollout table of a run.
 
     Only tables not seen before (or rewritten since) are read, all in one pass, so a live run

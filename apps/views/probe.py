@@ -11,6 +11,12 @@ st.title("Probe")
 refs = ui.require_selection()
 ui.own_query("focus", "window", "against")
 AGAINST = {"outcome": "own outcome", "target": "probe target"}
+BIN_CHOICES = ("auto", 5, 10, 15, 20, 30)
+
+
+def _bins(choice) -> int | None:
+    """The "bins" choice as n_bins: None for auto (or anything unknown, e.g. an old session)."""
+    return choice if isinstance(choice, int) and choice in BIN_CHOICES else None
 ref = ui.focus_run(refs, key="pr_run", reset=("pr_window", "_pr_window_latest",
                                                               "pr_domains", "pr_snap"))
 
@@ -36,7 +42,10 @@ def body() -> None:
     st.session_state["pr_domains"] = [d for d in st.session_state.get("pr_domains", [])
                                       if d in domains]
     picked = c2.multiselect("domains", domains, key="pr_domains", placeholder="all domains")
-    n_bins = c3.number_input("bins", 3, 30, 10, key="pr_bins")
+    n_bins = c3.selectbox("bins", BIN_CHOICES, key="pr_bins",
+                          help="equal-mass bins of the predictions; auto: about n^(1/3) of them, "
+                               "as the probe studies' ECE")
+    n_bins = _bins(n_bins)
     split = c4.toggle("by domain", value=True, key="pr_split",
                       help="one reliability curve per domain")
     against = c5.segmented_control(
@@ -72,7 +81,7 @@ def body() -> None:
                    f"not fitted for their bucket yet) and are left out.")
     d = df[has_pred]
     summary = analysis.calibration_summary(d["probe_pred"].to_numpy(float),
-                                           d[target].to_numpy(float), int(n_bins))
+                                           d[target].to_numpy(float), n_bins)
     pair_acc, n_pairs = analysis.pair_sign_accuracy(d, outcome)   # own outcomes order pairs
     clipped = float(((d["probe_pred"] <= 1e-9) | (d["probe_pred"] >= 1 - 1e-9)).mean())
     m = st.columns(7)
@@ -93,7 +102,7 @@ def body() -> None:
     groups = {"all": d}
     if split and d["domain"].nunique() > 1:
         groups = {str(k): v for k, v in d.groupby("domain")} | {"all": d}
-    bins = {k: analysis.reliability_bins(v["probe_pred"], v[target], int(n_bins))
+    bins = {k: analysis.reliability_bins(v["probe_pred"], v[target], n_bins)
             for k, v in groups.items()}
     ece = {k: analysis.expected_calibration_error(b) for k, b in bins.items()}
     preds = {k: v["probe_pred"].to_numpy(float) for k, v in groups.items() if k != "all"
@@ -126,7 +135,7 @@ def _history() -> None:
                                       "to [0, 1])"), key="pr_clip")
     ui.chart(c2, figures.metric_chart(run, ["probe/pair_sign_acc"], "step", smoothing,
                                       "within-pair sign accuracy (trainer)"), key="pr_pair_hist")
-    hist, warnings = data.calibration_history(ref.path, int(st.session_state.get("pr_bins", 10)))
+    hist, warnings = data.calibration_history(ref.path, _bins(st.session_state.get("pr_bins")))
     ui.show_warnings(warnings)
     if len(hist) and hist["n"].gt(0).any():
         ui.chart(st, figures.calibration_history_figure(hist[hist["n"] > 0], smoothing),

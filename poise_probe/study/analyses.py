@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from poise_probe import stats
 from poise_probe.capture.dataset import FEATURE_SETS, CaptureDataset
 from poise_probe.study import metrics as M
 from poise_probe.study.ridge import (
@@ -59,7 +60,7 @@ def study_targets(index: pd.DataFrame) -> pd.DataFrame:
                          f"rollouts per prompt (capture with --samples >= 2).")
     sums = np.bincount(codes, weights=r)
     out = pd.DataFrame({
-        "loo": (sums[codes] - r) / (sizes[codes] - 1),
+        "loo": stats.loo_mean(r, codes),
         "avg_k": sums[codes] / sizes[codes],
         "k": sizes[codes],
         "cv_group": prompt_groups(index["prompt_id"].astype(str).to_numpy(),

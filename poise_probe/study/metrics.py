@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from numbers import Integral
 
 import numpy as np
@@ -23,8 +23,12 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.isotonic import IsotonicRegression
 from sklearn.utils.validation import check_is_fitted
 
-from poise_probe.diagnostics import _pearson, _ratio_skill, _vec, probe_diagnostics
-from poise_probe.probe import _as_id_list, _group_index
+from poise_probe import stats
+from poise_probe.stats import (NAN, NORMS, STRATEGIES, Z95, auroc, calibration_slope_intercept,
+                               ece, murphy_decomposition, pearson, ratio_skill,
+                               reliability_table, spread_var)
+from poise_probe.stats import checked as _check
+from poise_probe.stats import unit_pair as _pair
 
 __all__ = [
     "CALIBRATORS",
@@ -49,68 +53,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-NAN = float("nan")
-Z95 = 1.959963984540054  # standard normal 0.975 quantile: two-sided 95% intervals
-STRATEGIES = ("uniform", "quantile")
-NORMS = ("l1", "l2", "max")
+# the point and binned statistics are poise_probe.stats', re-exported here for the studies
+__all__ += ["NAN", "NORMS", "STRATEGIES", "Z95"]
 
 # calibration_report keys, in order; "ev_ceiling" follows with groups, "frac_low"/"frac_high"
 # with raw_pred.
 REPORT_KEYS = ("n", "mae", "rmse", "bias", "pearson", "spearman", "brier_skill", "explained_var",
                "ece_uniform", "ece_quantile", "mce", "brier", "reliability", "resolution",
                "uncertainty", "calib_slope", "calib_intercept", "auroc")
-
-
-# -- input checks (at the boundary) -----------------------------------------------------------
-
-def _check(name: str, a, n: int | None = None, unit: bool = False) -> np.ndarray:
-    """Non-empty 1-D finite float64 array (of length n; inside [0, 1] if unit), else ValueError."""
-    v = _vec(name, a, n)  # 1-D, length n, finite (diagnostics' checks)
-    if v.shape[0] == 0:
-        raise ValueError(f"{name} is empty; pass at least one value.")
-    if unit:
-        bad = (v < 0.0) | (v > 1.0)
-        if bad.any():
-            i = int(np.argmax(bad))
-            fix = ("rewards must lie in [0, 1]: rescale them" if name == "outcome" else
-                   "clip raw probe outputs with np.clip(pred, 0, 1) and report the raw ones "
-                   "through raw_pred / out_of_range_fraction")
-            raise ValueError(f"{name} must lie in [0, 1]; got {float(v[i])!r} at index {i}; {fix}.")
-    return v
-
-
-def _pair(pred, outcome, unit_pred: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Checked (pred, outcome), both (n,); outcome always inside [0, 1]."""
-    p = _check("pred", pred, unit=unit_pred)
-    return p, _check("outcome", outcome, p.shape[0], unit=True)
-
-
-def _codes(name: str, groups, n: int) -> tuple[np.ndarray, list[Hashable]]:
-    """Prompt ids -> (codes (n,) in 0..G-1, unique ids (G,)), else ValueError naming `name`."""
-    if isinstance(groups, (pd.Series, pd.Index)):
-        groups = groups.to_numpy()
-    ids = _as_id_list(groups)
-    if len(ids) != n:
-        raise ValueError(f"{name} has {len(ids)} values; expected {n}, one prompt id per row.")
-    for i, g in enumerate(ids):
-        if g is None or (isinstance(g, float) and math.isnan(g)):
-            raise ValueError(f"{name} has a missing id ({g!r}) at index {i}; every rollout needs "
-                             f"its prompt id.")
-    return _group_index(ids)
-
-
-def _spread_var(v: np.ndarray) -> float:
-    """Population variance, exactly 0 for constant input (np.var of [0.1]*3 is 1.9e-34, not 0)."""
-    return 0.0 if np.ptp(v) == 0 else float(np.var(v))
-
-
-def _corr(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson r, NaN when either side is constant (rounding would otherwise give 0)."""
-    return NAN if np.ptp(a) == 0 or np.ptp(b) == 0 else _pearson(a, b)
-
-
-def _is_binary(y: np.ndarray) -> bool:
-    return bool(np.isin(y, (0.0, 1.0)).all())
 
 
 # -- point metrics ----------------------------------------------------------------------------
@@ -128,146 +78,17 @@ def regression_metrics(pred, target) -> dict[str, float]:
     t = _check("target", target, p.shape[0])
     err = p - t  # (n,)
     mse = float(np.mean(err ** 2))
-    var_t = _spread_var(t)
+    var_t = spread_var(t)
     return {
         "n": float(p.shape[0]),
         "mae": float(np.mean(np.abs(err))),
         "rmse": math.sqrt(mse),
         "bias": float(np.mean(err)),
-        "pearson": _corr(p, t),
-        "spearman": _corr(rankdata(p), rankdata(t)),
-        "brier_skill": _ratio_skill(mse, var_t),
-        "explained_var": _ratio_skill(_spread_var(t - p), var_t),
+        "pearson": pearson(p, t),
+        "spearman": pearson(rankdata(p), rankdata(t)),
+        "brier_skill": ratio_skill(mse, var_t),
+        "explained_var": ratio_skill(spread_var(t - p), var_t),
     }
-
-
-def murphy_decomposition(pred, outcome) -> dict[str, float]:
-    """MSE = REL - RES + UNC with CORP's isotonic recalibration (Dimitriadis et al. 2021).
-
-    pred (n,), outcome (n,) in [0, 1]. iso = PAV fit of outcome on pred (ties pooled), then
-    REL = MSE(pred) - MSE(iso) (miscalibration), RES = UNC - MSE(iso) (discrimination),
-    UNC = MSE(mean outcome) = Var(outcome). For 0/1 outcomes MSE is the Brier score. Both REL
-    and RES are >= 0 (identity and constant maps are isotonic); the identity is exact.
-    Keys: ``mse``, ``reliability``, ``resolution``, ``uncertainty``.
-    """
-    p, y = _pair(pred, outcome, unit_pred=False)
-    iso = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(p, y).predict(p)
-    mse = float(np.mean((p - y) ** 2))
-    mse_iso = float(np.mean((iso - y) ** 2))
-    unc = float(np.mean((y.mean() - y) ** 2))
-    return {"mse": mse, "reliability": mse - mse_iso, "resolution": unc - mse_iso,
-            "uncertainty": unc}
-
-
-def _n_bins(n_bins, n: int) -> int:
-    if n_bins is None:
-        return max(2, int(round(n ** (1.0 / 3.0))))  # n^(1/3) bins (scikit-learn#33890)
-    if isinstance(n_bins, bool) or not isinstance(n_bins, Integral) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive int or None (about n^(1/3)); got {n_bins!r}.")
-    return int(n_bins)
-
-
-def _bin_codes(p: np.ndarray, n_bins: int, strategy: str) -> np.ndarray:
-    """Bin index of each prediction in 0..n_bins-1. (n,) -> (n,)."""
-    if strategy == "uniform":
-        # bin k holds k/B <= p < (k+1)/B; p = 1 joins the last bin
-        return np.minimum(np.floor(p * n_bins).astype(np.int64), n_bins - 1)
-    if strategy == "quantile":
-        # Equal mass by sorted position; a run of tied predictions goes, whole, to the bin of its
-        # average rank, so bins never split ties (row order cannot matter) and may come out empty.
-        twice_rank = (2.0 * rankdata(p, method="average") - 2.0).astype(np.int64)  # 2 * 0-based
-        return (n_bins * twice_rank) // (2 * p.shape[0])
-    raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}.")
-
-
-def _wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n Bernoulli trials."""
-    phat = k / n
-    den = 1.0 + z * z / n
-    centre = (phat + z * z / (2 * n)) / den
-    half = z * math.sqrt(phat * (1.0 - phat) / n + z * z / (4.0 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def reliability_table(pred, outcome, n_bins=None, strategy: str = "uniform") -> pd.DataFrame:
-    """Binned reliability diagram E[R | b in bin] against mean b, with 95% CIs. pred, outcome (n,).
-
-    n_bins: default max(2, round(n^(1/3))). strategy "uniform": bins [k/B, (k+1)/B) over [0, 1];
-    "quantile": equal mass by sorted prediction, ties kept in one bin. Empty bins are omitted.
-    Columns: ``bin`` (index among n_bins), ``lo``, ``hi`` (uniform: bin edges; quantile: smallest
-    and largest prediction in the bin), ``n``, ``mean_pred``, ``mean_outcome``, ``ci_low``,
-    ``ci_high``: Wilson 95% when every outcome is 0 or 1, else mean +- 1.96 SE (SE from the
-    ddof=1 std; NaN for a one-row bin) clipped to [0, 1].
-    """
-    p, y = _pair(pred, outcome)
-    n = p.shape[0]
-    B = _n_bins(n_bins, n)
-    codes = _bin_codes(p, B, strategy)  # (n,)
-    binary = _is_binary(y)
-    rows = []
-    for k in np.unique(codes):
-        m = codes == k
-        pk, yk = p[m], y[m]
-        nk = int(m.sum())
-        mean_y = float(yk.mean())
-        if binary:
-            ci = _wilson(float(yk.sum()), nk)
-        elif nk >= 2:
-            half = Z95 * float(np.std(yk, ddof=1)) / math.sqrt(nk)
-            ci = (max(0.0, mean_y - half), min(1.0, mean_y + half))
-        else:
-            ci = (NAN, NAN)
-        lo, hi = (k / B, (k + 1) / B) if strategy == "uniform" else (pk.min(), pk.max())
-        rows.append((int(k), float(lo), float(hi), nk, float(pk.mean()), mean_y, *ci))
-    cols = ["bin", "lo", "hi", "n", "mean_pred", "mean_outcome", "ci_low", "ci_high"]
-    return pd.DataFrame(rows, columns=cols).astype({"bin": np.int64, "n": np.int64})
-
-
-def ece(pred, outcome, n_bins=None, strategy: str = "uniform", norm: str = "l1") -> float:
-    """Binned calibration error: count-weighted |mean_pred - mean_outcome| over bins.
-
-    pred, outcome (n,). norm "l1": ECE = sum_k w_k gap_k; "l2": RMSCE = sqrt(sum_k w_k gap_k^2);
-    "max": MCE = max_k gap_k over non-empty bins (torchmetrics' norms). Bins: reliability_table.
-    """
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}; got {norm!r}.")
-    t = reliability_table(pred, outcome, n_bins=n_bins, strategy=strategy)
-    w = t["n"].to_numpy() / t["n"].sum()
-    gap = np.abs(t["mean_pred"].to_numpy() - t["mean_outcome"].to_numpy())
-    if norm == "l1":
-        return float(w @ gap)
-    if norm == "l2":
-        return math.sqrt(float(w @ gap ** 2))
-    return float(gap.max())
-
-
-def calibration_slope_intercept(pred, outcome) -> tuple[float, float]:
-    """(slope, intercept) of the least-squares line outcome ~ intercept + slope * pred.
-
-    pred (n,) (raw or clipped), outcome (n,) in [0, 1]. Slope < 1: over-confident (predictions
-    spread more than the rewards they track). (NaN, NaN) when pred is constant.
-    """
-    p, y = _pair(pred, outcome, unit_pred=False)
-    var_p = _spread_var(p)
-    if var_p == 0:
-        return NAN, NAN
-    slope = float(np.mean((p - p.mean()) * (y - y.mean()))) / var_p
-    return slope, float(y.mean() - slope * p.mean())
-
-
-def auroc(pred, outcome) -> float:
-    """Area under the ROC curve: P(pred of a 1 > pred of a 0), ties 1/2 (Mann-Whitney U / n1 n0).
-
-    pred (n,), outcome (n,). NaN unless every outcome is 0 or 1 and both classes occur.
-    """
-    p, y = _pair(pred, outcome, unit_pred=False)
-    pos = y == 1.0
-    n1 = int(pos.sum())
-    n0 = p.shape[0] - n1
-    if not _is_binary(y) or n1 == 0 or n0 == 0:
-        return NAN
-    ranks = rankdata(p)  # average ranks: a tie between classes counts 1/2
-    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
 def explained_variance_ceiling(rewards, group_ids) -> float:
@@ -276,16 +97,11 @@ def explained_variance_ceiling(rewards, group_ids) -> float:
     rewards (n,), group_ids (n,). s^2 is the unbiased within-prompt variance (Bernoulli noise
     p(1 - p) for 0/1 rewards) that no baseline can remove. Uses the rows of prompts with >= 2
     rollouts only (Var(R) too); NaN when there are none or their rewards are constant.
-    Same estimator as ``probe/ev_ceiling`` in `poise_probe.diagnostics.probe_diagnostics`.
+    The estimator of ``probe/ev_ceiling`` (`poise_probe.stats.explained_variance_ceiling`).
     """
     r = _check("rewards", rewards)
-    codes, uniq = _codes("group_ids", group_ids, r.shape[0])
-    keep = np.bincount(codes, minlength=len(uniq))[codes] >= 2  # (n,)
-    rk = r[keep]
-    if rk.size == 0 or np.ptp(rk) == 0:
-        return NAN
-    # probe_diagnostics computes the ceiling inline; preds and targets are placeholders here.
-    return probe_diagnostics(rk, rk, rk, codes[keep])["probe/ev_ceiling"]
+    codes, _ = stats.group_codes(group_ids, r.shape[0], "group_ids")
+    return stats.explained_variance_ceiling(r, codes)
 
 
 def out_of_range_fraction(raw_pred, lo: float = 0.0, hi: float = 1.0) -> dict[str, float]:
@@ -439,7 +255,7 @@ def cross_fit_recalibrate(pred, outcome, groups, method="linear", n_splits: int 
     Compute metrics on the result, not on pred (aaanalysis#480). -> (n,) in [0, 1].
     """
     p, y = _pair(pred, outcome, unit_pred=False)
-    codes, uniq = _codes("groups", groups, p.shape[0])
+    codes, uniq = stats.group_codes(groups, p.shape[0], "groups")
     G = len(uniq)
     if isinstance(n_splits, bool) or not isinstance(n_splits, Integral) or n_splits < 2:
         raise ValueError(f"n_splits must be an int >= 2; got {n_splits!r}.")
@@ -468,7 +284,7 @@ def bootstrap_ci(stat_fn: Callable[[np.ndarray, np.ndarray], float], pred, outco
     """
     p = _check("pred", pred)
     y = _check("outcome", outcome, p.shape[0])
-    codes, uniq = _codes("groups", groups, p.shape[0])
+    codes, uniq = stats.group_codes(groups, p.shape[0], "groups")
     G = len(uniq)
     if G < 2:
         raise ValueError(f"bootstrap_ci resamples prompt groups and needs at least 2; got {G}.")
@@ -480,22 +296,22 @@ def bootstrap_ci(stat_fn: Callable[[np.ndarray, np.ndarray], float], pred, outco
     sizes = np.bincount(codes, minlength=G)
     starts = np.cumsum(sizes) - sizes
     rng = np.random.default_rng(seed)
-    stats = np.empty(n_boot)
+    reps = np.empty(n_boot)
     for b in range(n_boot):
         s = rng.integers(0, G, size=G)  # (G,) sampled groups
         sz = sizes[s]
         # position j of the replicate -> row starts[s_j] + (j - first position of group j)
         offs = np.arange(int(sz.sum())) + np.repeat(starts[s] - (np.cumsum(sz) - sz), sz)
         rows = order[offs]
-        stats[b] = float(stat_fn(p[rows], y[rows]))
-    ok = np.isfinite(stats)
+        reps[b] = float(stat_fn(p[rows], y[rows]))
+    ok = np.isfinite(reps)
     if not ok.any():
         return NAN, NAN
     if not ok.all():
         logger.warning("bootstrap_ci: %d of %d replicates gave a non-finite statistic and were "
                        "dropped.", int((~ok).sum()), n_boot)
     alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(stats[ok], [alpha, 1.0 - alpha])
+    lo, hi = np.quantile(reps[ok], [alpha, 1.0 - alpha])
     return float(lo), float(hi)
 
 
