@@ -275,15 +275,21 @@ def rloo_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None =
     return AdvantageResult(rewards - baselines, baselines, torch.ones_like(rewards))
 
 
+def _group_centred(rewards: Tensor, group_ids: Tensor, epsilon: float, *, scaled: bool
+                   ) -> AdvantageResult:
+    """r - group mean, divided by (group std + eps) when scaled (GRPO) or not (Dr. GRPO)."""
+    rewards, group_ids = _check_rewards(rewards, group_ids, epsilon)
+    mean, std = _group_mean_std(rewards, group_ids)
+    scale = std + epsilon if scaled else torch.ones_like(rewards)
+    return AdvantageResult((rewards - mean) / scale, mean, scale)
+
+
 @register_adv_est("grpo")
 def grpo_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None = None,
                    epsilon: float = 1e-6) -> AdvantageResult:
     """A = (r - group mean) / (group std + eps), std unbiased; lone rollouts: mean 0, std 1 (verl). Shao et al. 2024."""
     del preds
-    rewards, group_ids = _check_rewards(rewards, group_ids, epsilon)
-    mean, std = _group_mean_std(rewards, group_ids)
-    scale = std + epsilon
-    return AdvantageResult((rewards - mean) / scale, mean, scale)
+    return _group_centred(rewards, group_ids, epsilon, scaled=True)
 
 
 @register_adv_est("dr_grpo")
@@ -291,9 +297,7 @@ def dr_grpo_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | Non
                       epsilon: float = 1e-6) -> AdvantageResult:
     """A = r - group mean, no std division; lone rollouts: mean 0 (verl). Liu et al. 2025 (Dr. GRPO)."""
     del preds
-    rewards, group_ids = _check_rewards(rewards, group_ids, epsilon)
-    mean, _ = _group_mean_std(rewards, group_ids)
-    return AdvantageResult(rewards - mean, mean, torch.ones_like(rewards))
+    return _group_centred(rewards, group_ids, epsilon, scaled=False)
 
 
 @register_adv_est("reinforce_pp")

@@ -18,6 +18,16 @@ from poise_probe.stats import cross_mean, pearson, ratio_skill, spread_var, vec
 __all__ = ["probe_diagnostics", "advantage_diagnostics"]
 
 
+def _vectors(what: str, **arrays) -> list[np.ndarray]:
+    """The named arrays as finite float64 vectors of one non-zero length, else ValueError."""
+    out: list[np.ndarray] = []
+    for name, a in arrays.items():
+        out.append(vec(name, a, out[0].shape[0] if out else None))
+        if out[0].shape[0] == 0:
+            raise ValueError(f"{what} needs at least one rollout.")
+    return out
+
+
 def probe_diagnostics(preds, targets, rewards, group_ids, *, raw_preds=None,
                       prefix: str = "probe") -> dict[str, float]:
     """Probe quality on one step's rollouts, before this step's rows are added to the buffer.
@@ -52,12 +62,8 @@ def probe_diagnostics(preds, targets, rewards, group_ids, *, raw_preds=None,
     With raw_preds also: ``frac_clipped_low`` / ``frac_clipped_high`` (share of raw < 0 /
     > 1), ``raw_mae`` and ``raw_explained_var`` (mae / explained_var before clipping).
     """
-    p = vec("preds", preds)
+    p, t, r = _vectors("probe_diagnostics", preds=preds, targets=targets, rewards=rewards)
     n = p.shape[0]
-    if n == 0:
-        raise ValueError("probe_diagnostics needs at least one rollout.")
-    t = vec("targets", targets, n)
-    r = vec("rewards", rewards, n)
     codes, _ = stats.group_codes(group_ids, n)
     err = p - t
     mse = float(np.mean(err ** 2))
@@ -108,12 +114,9 @@ def advantage_diagnostics(advantages, baselines, rewards, scale=None,
       advantage was built from these baselines.
     - ``baseline_mean``: mean of b.
     """
-    a = vec("advantages", advantages)
+    a, b, r = _vectors("advantage_diagnostics", advantages=advantages, baselines=baselines,
+                       rewards=rewards)
     n = a.shape[0]
-    if n == 0:
-        raise ValueError("advantage_diagnostics needs at least one rollout.")
-    b = vec("baselines", baselines, n)
-    r = vec("rewards", rewards, n)
     if scale is None:
         s = np.ones(n)
     else:

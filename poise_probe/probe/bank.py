@@ -11,7 +11,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
-from poise_probe.probe.ridge import TARGET_TOL, RidgeProbe, check_finite
+from poise_probe.probe.ridge import RidgeProbe, check_finite, check_in_clip
 from poise_probe.stats import as_id_list, group_codes, loo_mean
 
 logger = logging.getLogger(__name__)
@@ -22,6 +22,17 @@ __all__ = ["ProbeBuffer", "ProbeBank", "loo_targets", "DEFAULT_DOMAINS"]
 # --------------------------------------------------------------------------------------------
 # Targets and buffer
 # --------------------------------------------------------------------------------------------
+
+def _batch(what: str, features, rewards, group_ids) -> tuple[np.ndarray, np.ndarray, list]:
+    """(features (n, D), rewards (n,) float64, group ids as a list), shapes checked."""
+    X = np.asarray(features)
+    r = np.asarray(rewards, dtype=np.float64)
+    ids = as_id_list(group_ids)
+    if X.ndim != 2 or r.ndim != 1 or not (X.shape[0] == r.shape[0] == len(ids)):
+        raise ValueError(f"{what} needs features (n, D), rewards (n,), group_ids (n,); got "
+                         f"{X.shape}, {r.shape}, {len(ids)} ids.")
+    return X, r, ids
+
 
 def loo_targets(rewards, group_ids) -> np.ndarray:
     """Probe target of rollout i: the mean reward of the OTHER rollouts of its prompt. (n,) -> (n,).
@@ -88,12 +99,7 @@ class ProbeBuffer:
 
         -> (features (n, D), rewards (n,), loo targets (n,), group codes (n,), n_groups).
         """
-        X = np.asarray(features)
-        r = np.asarray(rewards, dtype=np.float64)
-        ids = as_id_list(group_ids)
-        if X.ndim != 2 or r.ndim != 1 or not (X.shape[0] == r.shape[0] == len(ids)):
-            raise ValueError(f"add needs features (n, D), rewards (n,), group_ids (n,); got "
-                             f"{X.shape}, {r.shape}, {len(ids)} ids.")
+        X, r, ids = _batch("add", features, rewards, group_ids)
         if X.shape[0] == 0:
             return None
         if self._n_features is not None and X.shape[1] != self._n_features:
@@ -300,12 +306,7 @@ class ProbeBank:
         same probe, so it is skipped). Returns ``probe/<bucket>/{n_rows,n_groups,n_steps,
         fitted,refit,fit_s}`` for every bucket and ``probe/fit_s`` (total refit seconds).
         """
-        X = np.asarray(features)
-        r = np.asarray(rewards, dtype=np.float64)
-        ids = as_id_list(group_ids)
-        if X.ndim != 2 or r.ndim != 1 or not (X.shape[0] == r.shape[0] == len(ids)):
-            raise ValueError(f"update needs features (n, D), rewards (n,), group_ids (n,); "
-                             f"got {X.shape}, {r.shape}, {len(ids)} ids.")
+        X, r, ids = _batch("update", features, rewards, group_ids)
         routes = self._routes(X.shape[0], domains)
         bucket_of: dict[Hashable, str] = {}
         for g, b in zip(ids, routes):
@@ -314,15 +315,7 @@ class ProbeBank:
                                  f"{b!r}; all rollouts of a prompt share its domain.")
         check_finite("features", X)  # row numbers in errors refer to the caller's batch
         check_finite("rewards", r)
-        bounds = RidgeProbe(**self._probe_params()).clip_bounds()
-        if bounds is not None:
-            low, high = bounds
-            bad = ((r < low - TARGET_TOL) if low is not None else False) | \
-                  ((r > high + TARGET_TOL) if high is not None else False)
-            if np.any(bad):
-                row = int(np.argmax(bad))
-                raise ValueError(f"rewards must lie in clip={self.clip}; rewards[{row}] = "
-                                 f"{float(r[row]):g}.")
+        check_in_clip("rewards", r, RidgeProbe(**self._probe_params()).clip_bounds())
 
         per_bucket = {}
         for bucket, buf in self.buffers.items():  # validate every bucket before touching any

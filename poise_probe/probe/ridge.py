@@ -15,7 +15,7 @@ from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-__all__ = ["RidgeProbe", "check_finite", "TARGET_TOL", "PCA_RANDOM_STATE"]
+__all__ = ["RidgeProbe", "check_finite", "check_in_clip", "TARGET_TOL", "PCA_RANDOM_STATE"]
 
 TARGET_TOL = 1e-6  # rewards a hair outside [0, 1] (float noise from partial credit) are accepted
 PCA_RANDOM_STATE = 0  # PCA's randomized solver is seeded so a refit on the same buffer is identical
@@ -35,6 +35,25 @@ def check_finite(name: str, a: np.ndarray) -> None:
         raise ValueError(f"{name} contains NaN or inf (first bad row: {row}); the probe needs "
                          f"finite features and rewards. Check the feature capture and verifier.")
 
+
+
+def check_in_clip(name: str, y: np.ndarray, bounds: tuple[float | None, float | None] | None
+                  ) -> None:
+    """ValueError naming the first value of y outside the probe's clip bounds (give or take
+    TARGET_TOL of float noise); None bounds check nothing."""
+    if bounds is None:
+        return
+    low, high = bounds
+    out = np.zeros(y.shape[0], dtype=bool)
+    if low is not None:
+        out |= y < low - TARGET_TOL
+    if high is not None:
+        out |= y > high + TARGET_TOL
+    if out.any():
+        r = int(np.argmax(out))
+        raise ValueError(f"{name} must lie in clip=({low}, {high}) (rewards are in [0, 1]); "
+                         f"{name}[{r}] = {float(y[r]):g}. Pass clip=None for unbounded "
+                         f"targets.")
 
 # --------------------------------------------------------------------------------------------
 # RidgeProbe
@@ -125,19 +144,7 @@ class RidgeProbe(RegressorMixin, BaseEstimator):
         X, y = validate_data(self, X, y, dtype=np.float64, ensure_all_finite=False,
                              y_numeric=True)
         check_finite("X", X)
-        bounds = self.clip_bounds()
-        if bounds is not None:
-            low, high = bounds
-            out = np.zeros(len(y), dtype=bool)
-            if low is not None:
-                out |= y < low - TARGET_TOL
-            if high is not None:
-                out |= y > high + TARGET_TOL
-            if out.any():
-                row = int(np.argmax(out))
-                raise ValueError(f"y must lie in clip={self.clip} (rewards are in [0, 1]); "
-                                 f"y[{row}] = {float(y[row]):g}. Pass clip=None for unbounded "
-                                 f"targets.")
+        check_in_clip("y", y, self.clip_bounds())
         sizes = self._block_sizes(X.shape[1])
         requested = self._requested_components(len(sizes))
         n = X.shape[0]
