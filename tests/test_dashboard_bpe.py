@@ -22,7 +22,7 @@ APPS = Path(__file__).resolve().parents[1] / "apps"
 if str(APPS) not in sys.path:
     sys.path.insert(0, str(APPS))
 
-from poise_dash import analysis, tokens  # noqa: E402
+from poise_dash import analysis, token_view, tokens  # noqa: E402
 
 
 class TokenSpans(HTMLParser):
@@ -83,7 +83,7 @@ def test_stored_pieces_are_the_tokens_exactly():
     assert al.mode == "pieces" and al.coloured and al.pieces == PIECES
     assert "".join(al.pieces) == row["completion"]
     assert "stored" in al.describe() and "2 without text" in al.describe()
-    shown = TokenSpans(tokens.render_html(al, 1.0))
+    shown = TokenSpans(token_view.render_html(al, 1.0))
     assert sorted(shown.tokens) == list(range(N))                    # one span per token
     assert shown.tokens[2]["text"] == " ×" and shown.tokens[7]["text"] == " caf"
     assert "'␣×'" in shown.tokens[2]["title"] and "id 502" in shown.tokens[2]["title"]
@@ -97,7 +97,7 @@ def test_stored_spans_box_the_tokens_the_trainer_used():
     assert al.spans == [("think", 1, 9), ("answer", 12, 12)]         # [lo, hi) -> last = hi - 1
     assert al.pooled == (4, 11)
     assert ("probe window", 4, 10) in al.strip_spans()
-    shown = TokenSpans(tokens.render_html(al, 1.0))
+    shown = TokenSpans(token_view.render_html(al, 1.0))
     assert shown.boxed("think") == list(range(1, 10))                # tags outside: as stored
     assert shown.boxed("answer") == [12]
     underlined = sorted(i for i, t in shown.tokens.items() if "inset 0 -2px" in t["style"])
@@ -105,12 +105,12 @@ def test_stored_spans_box_the_tokens_the_trainer_used():
     # an empty span draws nothing; a span that does not fit the tokens is named, not drawn
     al = tokens.align_row(bpe_row(answer_span=[0, 0], reasoning_span=[3, 99]))
     assert al.spans == [] and "does not fit 15 tokens" in al.describe()
-    assert "data-span" not in tokens.render_html(al, 1.0)
+    assert "data-span" not in token_view.render_html(al, 1.0)
 
 
 def test_a_character_split_over_two_byte_tokens_belongs_to_the_second():
     al = tokens.align_row(bpe_row())
-    shown = TokenSpans(tokens.render_html(al, 1.0))
+    shown = TokenSpans(token_view.render_html(al, 1.0))
     first, second = shown.tokens[8], shown.tokens[9]
     assert al.pieces[8:10] == ["", "é"]
     assert first["text"] == "·" and "no text of its own" in first["title"]
@@ -125,12 +125,12 @@ def test_a_character_split_over_two_byte_tokens_belongs_to_the_second():
 
 
 def test_whitespace_is_visible_and_markup_escaped_in_tooltips():
-    assert tokens.visible_piece(" the") == "'␣the'"
-    assert tokens.visible_piece("\n\t") == "'⏎⇥'" and tokens.visible_piece("") == "''"
-    assert tokens.visible_piece("\x07") == "'\\x07'"
+    assert token_view.visible_piece(" the") == "'␣the'"
+    assert token_view.visible_piece("\n\t") == "'⏎⇥'" and token_view.visible_piece("") == "''"
+    assert token_view.visible_piece("\x07") == "'\\x07'"
     pieces = ["<b>", " x", "\n"]
     al = tokens.align("<b> x\n", np.ones(3), token_pieces=pieces)
-    markup = tokens.render_html(al, 1.0)
+    markup = token_view.render_html(al, 1.0)
     assert "<b>" not in markup and "&lt;b&gt;" in markup
     shown = TokenSpans(markup)
     assert shown.tokens[0]["text"] == "<b>" and "'␣x'" in shown.tokens[1]["title"]
@@ -142,34 +142,36 @@ def test_engine_log_probs_and_token_advantages_colour_and_tooltips():
     adv = np.linspace(-1, 1, N)
     al = tokens.align_row(bpe_row(engine_logprobs=eng.astype(np.float32),
                                   token_advantages=adv.astype(np.float32)))
-    np.testing.assert_allclose(al.values("engine_logprob"), eng, rtol=1e-6)
-    np.testing.assert_allclose(al.values("logprob_gap"), 0.01 * (np.arange(N) % 3), atol=1e-6)
-    np.testing.assert_allclose(al.values("advantage"), adv, rtol=1e-6)
-    assert [s.key for s in tokens.available_scales(True, True, True)] == [
+    np.testing.assert_allclose(token_view.get_scale("engine_logprob").values(al), eng, rtol=1e-6)
+    np.testing.assert_allclose(token_view.get_scale("logprob_gap").values(al),
+                               0.01 * (np.arange(N) % 3), atol=1e-6)
+    np.testing.assert_allclose(token_view.get_scale("advantage").values(al), adv, rtol=1e-6)
+    assert [s.key for s in token_view.available_scales(True, True, True)] == [
         "entropy", "logprob", "prob", "engine_logprob", "logprob_gap", "advantage"]
-    assert [s.key for s in tokens.available_scales(True, False, True)] == [
+    assert [s.key for s in token_view.available_scales(True, False, True)] == [
         "entropy", "logprob", "prob", "advantage"]
-    assert [s.key for s in tokens.available_scales(False, True, False)] == [
+    assert [s.key for s in token_view.available_scales(False, True, False)] == [
         "entropy", "engine_logprob"]                # the gap needs both
-    shown = TokenSpans(tokens.render_html(al, 1.0, scale="advantage"))
+    shown = TokenSpans(token_view.render_html(al, 1.0, scale="advantage"))
     t = shown.tokens[N - 1]["title"]
     assert f"engine log p={eng[-1]:.3f}" in t and f"A={adv[-1]:.4f}" in t and "|Δ|=" in t
     # diverging: red below zero, green above, white at zero, symmetric intensity
-    sc = tokens.SCALES["advantage"]
+    sc = token_view.SCALES["advantage"]
     red, green = sc.colour(-1.0, 1.0), sc.colour(1.0, 1.0)
     assert red.startswith("rgba(215,45,35") and green.startswith("rgba(30,150,60")
     assert red.rsplit(",", 1)[1] == green.rsplit(",", 1)[1] == "0.90)"
     assert sc.colour(0.0, 1.0).endswith("0.08)") and sc.colour(float("nan"), 1.0) == \
-        tokens.MISSING_COLOUR
+        token_view.MISSING_COLOUR
     assert sc.legend_values(2.0) == [-2.0, -1.0, 0.0, 1.0, 2.0]
     assert sc.y_range(adv, 0.5) == pytest.approx([-1.1, 1.1])
-    assert tokens.SCALES["logprob_gap"].colour(0.0, 0.1).endswith("0.08)")
-    assert "|engine − trainer|" in tokens.legend_html(0.1, "logprob_gap")
+    assert token_view.SCALES["logprob_gap"].colour(0.0, 0.1).endswith("0.08)")
+    assert "|engine − trainer|" in token_view.legend_html(0.1, "logprob_gap")
     # a row whose engine log-probs are null (stored as null when the engine had none)
     al = tokens.align_row(bpe_row(engine_logprobs=None, token_advantages=None))
-    assert al.engine_log_probs is None and np.isnan(al.values("logprob_gap")).all()
-    assert "engine log p" not in tokens.render_html(al, 1.0) and "A=" not in \
-        tokens.render_html(al, 1.0)
+    assert al.engine_log_probs is None
+    assert np.isnan(token_view.get_scale("logprob_gap").values(al)).all()
+    assert "engine log p" not in token_view.render_html(al, 1.0) and "A=" not in \
+        token_view.render_html(al, 1.0)
 
 
 def test_old_rows_fall_back_to_counting_characters():
@@ -302,14 +304,14 @@ def test_rollouts_page_shows_the_stored_bpe_pieces(bpe_run, monkeypatch):
     for _, r in rows.iterrows():
         al = tokens.align_row(r)
         assert al.mode == "pieces"
-        shown = TokenSpans(tokens.render_html(al, 1.0))
+        shown = TokenSpans(token_view.render_html(al, 1.0))
         for i, piece in enumerate(r["token_pieces"]):
             if piece and piece not in tokens.TAGS and "\n" not in piece and "\t" not in piece:
                 assert shown.tokens[i]["text"] == piece
         multi = next(p for p in r["token_pieces"] if len(p) > 1 and p not in tokens.TAGS)
         import html as html_
 
-        assert f"{html_.escape(tokens.visible_piece(multi), quote=True)} · id " in markup
+        assert f"{html_.escape(token_view.visible_piece(multi), quote=True)} · id " in markup
         lo, hi = r["answer_span"]
         assert shown.boxed("answer") == list(range(lo, hi))
     assert ">think</sup>" in markup and ">answer</sup>" in markup

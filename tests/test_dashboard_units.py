@@ -14,7 +14,7 @@ APPS = Path(__file__).resolve().parents[1] / "apps"
 if str(APPS) not in sys.path:
     sys.path.insert(0, str(APPS))
 
-from poise_dash import analysis, tokens
+from poise_dash import analysis, token_view, tokens
 
 from poise_probe import dashboard
 
@@ -149,7 +149,7 @@ def test_character_level_completion_with_single_token_tags_and_end_token():
     al = tokens.align(text, np.arange(len(pieces) + 1) / 10)
     assert al.mode == "chars+tags" and al.extra_tokens == 1
     assert al.spans == [("think", 0, 6), ("answer", 7, 9)]
-    html = tokens.render_html(al, vmax=1.0)
+    html = token_view.render_html(al, vmax=1.0)
     assert html.count('title="token') == len(pieces) + 1
     assert "&lt;think&gt;" in html and ">think</sup>" in html and ">answer</sup>" in html
 
@@ -171,15 +171,15 @@ def test_subword_tokens_fall_back_to_ids_or_a_strip_never_guessing():
     text = "The answer is <b>42</b>"
     al = tokens.align(text, np.ones(6))
     assert al.mode == "strip" and not al.coloured and "subword" in al.describe()
-    assert "&lt;b&gt;" in tokens.render_html(al, 1.0)          # text escaped, not coloured
+    assert "&lt;b&gt;" in token_view.render_html(al, 1.0)      # text escaped, not coloured
     al = tokens.align(text, np.ones(3), token_ids=[11, 12, 13])
     assert al.mode == "token_ids" and al.coloured
-    assert tokens.render_html(al, 1.0).count("id 1") == 3
+    assert token_view.render_html(al, 1.0).count("id 1") == 3
 
 
 def test_entropy_colour_is_monotone_and_handles_nan():
-    assert tokens.entropy_colour(float("nan"), 1.0).startswith("rgba(128")
-    alphas = [float(tokens.entropy_colour(h, 2.0).rsplit(",", 1)[1][:-1])
+    assert token_view.entropy_colour(float("nan"), 1.0).startswith("rgba(128")
+    alphas = [float(token_view.entropy_colour(h, 2.0).rsplit(",", 1)[1][:-1])
               for h in (0.0, 1.0, 2.0, 5.0)]
     assert alphas == sorted(alphas) and alphas[-1] == alphas[-2]
 
@@ -189,29 +189,30 @@ def _rgba(colour: str) -> tuple[float, ...]:
 
 
 def test_colour_scales_at_their_end_points():
-    ent, lp, prob = (tokens.SCALES[k] for k in ("entropy", "logprob", "prob"))
+    ent, lp, prob = (token_view.SCALES[k] for k in ("entropy", "logprob", "prob"))
     # no colour: zero entropy, log p = 0 (a certain token), p = 1; full colour at the far end
     for scale, none, full, beyond in ((ent, 0.0, 2.0, 9.0), (lp, 0.0, -2.0, -9.0),
                                       (prob, 1.0, 0.0, -1.0)):
         assert _rgba(scale.colour(none, 2.0))[3] == pytest.approx(0.08), scale.key
         assert _rgba(scale.colour(full, 2.0))[3] == pytest.approx(0.90), scale.key
         assert scale.colour(beyond, 2.0) == scale.colour(full, 2.0)           # clipped
-        assert scale.colour(float("nan"), 2.0) == tokens.MISSING_COLOUR
-    assert tokens.entropy_colour(2.0, 2.0) == ent.colour(2.0, 2.0)           # unchanged
-    assert tokens.logprob_colour(-1.0, 2.0) == tokens.prob_colour(0.5)        # half way both
-    assert tokens.prob_colour(0.5, 123.0) == tokens.prob_colour(0.5)          # vmax unused
-    alphas = [_rgba(tokens.logprob_colour(v, 2.0))[3] for v in (0.0, -0.5, -1.0, -2.0)]
+        assert scale.colour(float("nan"), 2.0) == token_view.MISSING_COLOUR
+    assert token_view.entropy_colour(2.0, 2.0) == ent.colour(2.0, 2.0)                # unchanged
+    assert token_view.logprob_colour(-1.0, 2.0) == token_view.prob_colour(0.5)     # half way both
+    assert token_view.prob_colour(0.5, 123.0) == token_view.prob_colour(0.5)        # vmax unused
+    alphas = [_rgba(token_view.logprob_colour(v, 2.0))[3] for v in (0.0, -0.5, -1.0, -2.0)]
     assert alphas == sorted(alphas)                    # less likely tokens are more coloured
-    assert [s.key for s in tokens.available_scales(False)] == ["entropy"]
-    assert [s.key for s in tokens.available_scales(True)] == ["entropy", "logprob", "prob"]
-    assert tokens.get_scale("log-prob (nats)") is lp and tokens.get_scale("probability") is prob
+    assert [s.key for s in token_view.available_scales(False)] == ["entropy"]
+    assert [s.key for s in token_view.available_scales(True)] == ["entropy", "logprob", "prob"]
+    assert token_view.get_scale("log-prob (nats)") is lp
+    assert token_view.get_scale("probability") is prob
     with pytest.raises(ValueError, match="unknown colour scale"):
-        tokens.get_scale("loss")
+        token_view.get_scale("loss")
     assert lp.legend_values(2.0) == [0.0, -0.5, -1.0, -1.5, -2.0]
     assert prob.legend_values(2.0) == [1.0, 0.75, 0.5, 0.25, 0.0]
-    assert "-0.00" not in tokens.legend_html(2.0, "logprob")
-    assert "probability" in tokens.legend_html(1.0, "prob")
-    assert "entropy (nats)" in tokens.legend_html(1.0)
+    assert "-0.00" not in token_view.legend_html(2.0, "logprob")
+    assert "probability" in token_view.legend_html(1.0, "prob")
+    assert "entropy (nats)" in token_view.legend_html(1.0)
 
 
 def test_tooltips_show_id_entropy_log_prob_and_probability():
@@ -222,28 +223,28 @@ def test_tooltips_show_id_entropy_log_prob_and_probability():
     al = tokens.align(text, np.arange(n) / 10, token_ids=list(range(200, 200 + n)),
                       log_probs=lps.astype(np.float32))
     assert al.mode == "chars+tags" and al.token_ids == list(range(200, 200 + n))
-    np.testing.assert_allclose(al.values("logprob"), lps, rtol=1e-6)
-    np.testing.assert_allclose(al.values("prob"), np.exp(lps), rtol=1e-6)
-    np.testing.assert_allclose(al.values("entropy"), np.arange(n) / 10)
+    np.testing.assert_allclose(token_view.get_scale("logprob").values(al), lps, rtol=1e-6)
+    np.testing.assert_allclose(token_view.get_scale("prob").values(al), np.exp(lps), rtol=1e-6)
+    np.testing.assert_allclose(token_view.get_scale("entropy").values(al), np.arange(n) / 10)
     for scale in ("entropy", "logprob", "prob"):
-        html = tokens.render_html(al, 1.0, scale=scale)
+        html = token_view.render_html(al, 1.0, scale=scale)
         assert html.count('title="token') == n
         for i in range(n):
             assert f"id {200 + i}" in html
             assert f"H={i / 10:.3f} nats" in html
             assert f"log p={lps[i]:.3f}" in html and f"p={np.exp(lps[i]):.3f}" in html
-    assert tokens.render_html(al, 1.0, scale="logprob") != tokens.render_html(al, 1.0)
+    assert token_view.render_html(al, 1.0, scale="logprob") != token_view.render_html(al, 1.0)
     # an old run: no log-probs, no log p in the tooltips, the log-prob scales grey
     old = tokens.align(text, np.arange(n) / 10)
     assert old.log_probs is None and old.token_ids is None
-    assert "log p=" not in tokens.render_html(old, 1.0)
-    assert " · id " not in tokens.render_html(old, 1.0)
-    assert np.isnan(old.values("prob")).all()
-    assert tokens.MISSING_COLOUR in tokens.render_html(old, 1.0, scale="prob")
+    assert "log p=" not in token_view.render_html(old, 1.0)
+    assert " · id " not in token_view.render_html(old, 1.0)
+    assert np.isnan(token_view.get_scale("prob").values(old)).all()
+    assert token_view.MISSING_COLOUR in token_view.render_html(old, 1.0, scale="prob")
     # token-id chips carry the same values
     chips = tokens.align("xyz", np.ones(2), token_ids=[7, 8], log_probs=[-0.5, -2.0])
     assert chips.mode == "token_ids"
-    html = tokens.render_html(chips, 1.0, scale="prob")
+    html = token_view.render_html(chips, 1.0, scale="prob")
     assert "id 8 · H=1.000 nats · log p=-2.000 · p=0.135" in html
 
 
@@ -252,14 +253,14 @@ def test_log_probs_align_like_entropies_whatever_their_length():
     # one per character plus an end token, like the entropies
     al = tokens.align(text, np.ones(4), log_probs=[-0.1, -0.2, -0.3, -0.4])
     assert al.mode == "chars" and al.extra_tokens == 1
-    assert "log p=-0.400" in tokens.render_html(al, 1.0)                 # the end token's
+    assert "log p=-0.400" in token_view.render_html(al, 1.0)             # the end token's
     assert "log-probs" not in al.describe()
     # fewer log-probs than tokens: the missing ones are NaN (grey, "–"), and the caption says so
     short = tokens.align(text, np.ones(4), log_probs=[-0.1, -0.2])
     assert short.mode == "chars" and len(short.log_probs) == 4
     assert np.isnan(short.log_probs[2:]).all()
-    html = tokens.render_html(short, 1.0, scale="logprob")
-    assert "log p=–" in html and tokens.MISSING_COLOUR in html
+    html = token_view.render_html(short, 1.0, scale="logprob")
+    assert "log p=–" in html and token_view.MISSING_COLOUR in html
     assert "2 log-probs for 4 tokens" in short.describe()
     # more: cut to the token count
     long = tokens.align(text, np.ones(3), log_probs=-np.ones(7))
@@ -268,11 +269,11 @@ def test_log_probs_align_like_entropies_whatever_their_length():
     # a subword tokenizer: a strip, the log-probs kept for the strip chart
     strip = tokens.align("The answer", np.ones(3), log_probs=[-1.0, -2.0, -3.0])
     assert strip.mode == "strip"
-    np.testing.assert_allclose(strip.values("logprob"), [-1.0, -2.0, -3.0])
+    np.testing.assert_allclose(token_view.SCALES["logprob"].values(strip), [-1.0, -2.0, -3.0])
     # no entropies stored: the log-probs give the token count
     only = tokens.align(text, None, log_probs=[-0.1, -0.2, -0.3])
     assert only.mode == "chars" and np.isnan(only.entropies).all()
-    assert "H=– nats · log p=-0.300" in tokens.render_html(only, 1.0)
+    assert "H=– nats · log p=-0.300" in token_view.render_html(only, 1.0)
     # a missing value (an old step in a mixed table reads as NaN)
     assert tokens.align(text, np.ones(3), log_probs=float("nan")).log_probs is None
 
@@ -285,13 +286,14 @@ def test_strip_chart_plots_the_chosen_quantity():
     for scale, title, y in (("entropy", "entropy (nats)", [0.5, 1.0, 0.2]),
                             ("logprob", "log-prob (nats)", [-0.1, -3.0, -0.5]),
                             ("prob", "probability", np.exp([-0.1, -3.0, -0.5]))):
-        fig = figures.entropy_strip(al.values(scale), al.spans, 2.0, "t", al.pieces,
-                                    scale=scale)
+        fig = figures.entropy_strip(token_view.SCALES[scale].values(al), al.spans, 2.0, "t",
+                                    al.pieces, scale=scale)
         assert fig.layout.yaxis.title.text == title
         np.testing.assert_allclose(np.asarray(fig.data[0].y, float), y, rtol=1e-6)
         lo, hi = fig.layout.yaxis.range
         assert lo <= min(y) and hi >= max(y)
-    fig = figures.entropy_strip(al.values("logprob"), al.spans, 2.0, "t", scale="logprob")
+    fig = figures.entropy_strip(token_view.SCALES["logprob"].values(al), al.spans, 2.0, "t",
+                                scale="logprob")
     assert fig.layout.yaxis.range[1] == 0.0 and "log p=" in fig.data[0].hovertemplate
 
 

@@ -1,18 +1,17 @@
-"""Reading runs and probe studies for the dashboard, through `poise_probe.rundir` only.
+"""Reading one run's files for the dashboard, through `poise_probe.rundir` only: its metrics,
+rollout tables, eval reports, config and meta.
 
 - Metrics are tailed: `MetricsTail` keeps a `RunReader` whose `new_metrics()` reads only the
   bytes appended since the last refresh; a rewrite (resume truncation) starts over.
-- Rollout tables, eval reports and study files are cached by file identity (path, mtime, size):
-  a committed file is renamed into place whole, so a changed file has a new identity and an
-  unchanged one is never read twice.
+- Rollout tables, eval reports, config and meta are cached by file identity (path, mtime,
+  size): a committed file is renamed into place whole, so a changed file has a new identity and
+  an unchanged one is never read twice (`study_files` caches a study's files the same way).
 - Nothing here raises on a half-written or missing file: callers get warnings to show inline.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -25,12 +24,9 @@ from poise_dash.analysis import (
     per_step,
     target_column,
 )
-from poise_probe.rundir import RunReader, find_runs, step_name
+from poise_probe.rundir import RunReader, step_name
 
 logger = logging.getLogger(__name__)
-
-STATUS_ICONS = {"running": "🟢", "finished": "✅", "failed": "❌", "crashed": "💥",
-                "unreadable": "⚠️"}
 
 #: Columns the Probe page and the rollout filters need: everything but text and per-token lists
 #: (`probe_target` from run-format schema 2 on; a table without it is read without it).
@@ -38,15 +34,6 @@ LIGHT_COLUMNS = ("step", "prompt_id", "group_id", "domain", "data_source", "task
                  "reward", "score", "probe_pred", "probe_target", "baseline", "advantage",
                  "num_tokens", "truncated")
 TEXT_COLUMNS = ("prompt", "completion", "ground_truth")
-STUDY_KIND = "poise-probe-study"
-
-
-@dataclass(frozen=True)
-class RunRef:
-    """A run directory (absolute path) and the label the pages show for it."""
-
-    path: str
-    label: str
 
 
 def file_identity(path: str | os.PathLike) -> tuple[int, int] | None:
@@ -59,60 +46,7 @@ def file_identity(path: str | os.PathLike) -> tuple[int, int] | None:
 
 
 # --------------------------------------------------------------------------------------------
-# discovery
-
-
-@st.cache_data(ttl=5, show_spinner=False)
-def discover_runs(roots: tuple[str, ...]) -> tuple[list[RunRef], list[str]]:
-    """Every run under `roots` with a unique label, plus warnings for roots that do not exist."""
-    warnings, found = [], []
-    for root in roots:
-        try:
-            runs = find_runs(root)
-        except FileNotFoundError as err:
-            warnings.append(str(err))
-            continue
-        base = Path(root).resolve()
-        for run in runs:
-            run = run.resolve()
-            if run == base:
-                label = base.name
-            else:
-                rel = str(run.relative_to(base))
-                label = rel if len(roots) == 1 else f"{base.name}/{rel}"
-            found.append(RunRef(str(run), label))
-    unique: dict[str, RunRef] = {}
-    for ref in found:
-        unique.setdefault(ref.path, ref)
-    return sorted(unique.values(), key=lambda r: r.label), warnings
-
-
-@st.cache_data(ttl=10, show_spinner=False)
-def discover_studies(roots: tuple[str, ...]) -> list[str]:
-    """Folders under `roots` holding a study.json of kind poise-probe-study, sorted."""
-    out = []
-    skip_in_run = {"rollouts", "probes", "checkpoints", "eval"}
-    for root in roots:
-        if not os.path.isdir(root):
-            continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            if "study.json" in filenames:
-                try:
-                    kind = json.loads(Path(dirpath, "study.json").read_text()).get("kind")
-                except (OSError, ValueError, AttributeError):
-                    kind = None
-                if kind == STUDY_KIND:
-                    out.append(str(Path(dirpath).resolve()))
-                    dirnames.clear()
-                    continue
-            in_run = "meta.json" in filenames
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                                 and not (in_run and d in skip_in_run))
-    return sorted(set(out))
-
-
-# --------------------------------------------------------------------------------------------
-# one run: summary and live metrics
+# one run: live metrics
 
 
 class MetricsTail:
@@ -191,63 +125,6 @@ def tail(path: str) -> MetricsTail:
         t = store[path] = MetricsTail(path)
     t.refresh()
     return t
-
-
-@dataclass
-class RunSummary:
-    """What the Runs page shows for one run."""
-
-    ref: RunRef
-    status: str = "unreadable"
-    algorithm: str = ""
-    model: str = ""
-    device: str = ""
-    last_step: int | None = None
-    created: str = ""
-    updated: str = ""
-    error: str | None = None
-    best_acc: float | None = None
-    best_step: int | None = None
-    last_acc: float | None = None
-    last_reward: float | None = None
-    lines: int = 0
-    warnings: list[str] = field(default_factory=list)
-
-
-def summarise(ref: RunRef, stale_after: float | None = None) -> RunSummary:
-    """Status, meta and headline numbers of a run; an unreadable run says why, never raises."""
-    from poise_dash.analysis import best_eval
-
-    s = RunSummary(ref)
-    try:
-        t = tail(ref.path)
-        meta = t.reader.meta
-    except (OSError, ValueError) as err:
-        s.error = str(err)
-        return s
-    s.algorithm, s.model = str(meta.get("algorithm", "")), str(meta.get("model", ""))
-    s.device, s.created = str(meta.get("device", "")), str(meta.get("created", ""))
-    s.status = t.reader.inferred_status(stale_after=stale_after)
-    try:
-        status = t.reader.status
-        s.last_step, s.updated = status.get("last_step"), str(status.get("updated", ""))
-        s.error = status.get("error")
-    except (OSError, ValueError) as err:
-        s.warnings.append(f"status.json: {err}")
-    steps = t.steps
-    s.lines = len(t.records)
-    s.warnings.extend(t.warnings)
-    best = best_eval(steps)
-    if best is not None:
-        s.best_acc, s.best_step = best
-        acc = pd.to_numeric(steps["eval/accuracy"], errors="coerce").dropna()
-        s.last_acc = float(acc.iloc[-1])
-    if "reward/mean" in steps:
-        r = pd.to_numeric(steps["reward/mean"], errors="coerce").dropna()
-        s.last_reward = float(r.iloc[-1]) if len(r) else None
-    if s.last_step is None and len(steps):
-        s.last_step = int(steps["step"].max())
-    return s
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,85 +303,3 @@ def _run_meta(run: str, ident: tuple[int, int] | None) -> dict:
 def meta_of(run: str) -> dict:
     """meta.json of a run ({} when missing or unreadable), read again only when it changes."""
     return _run_meta(run, file_identity(Path(run, "meta.json")))
-
-
-# --------------------------------------------------------------------------------------------
-# probe studies
-
-
-@dataclass
-class StudyItem:
-    """One table or figure of a study analysis; `files` maps extension -> path."""
-
-    name: str
-    files: dict[str, str]
-
-    @property
-    def kind(self) -> str:
-        if "json" in self.files:
-            return "figure"
-        if "parquet" in self.files or "csv" in self.files:
-            return "table"
-        if "png" in self.files or "svg" in self.files:
-            return "image"
-        if "html" in self.files:
-            return "html"
-        return "other"
-
-
-KNOWN_ANALYSES = ("sweep", "ablation", "calibration", "transfer", "drift")
-
-
-def study_sections(study: str) -> dict[str, list[StudyItem]]:
-    """{analysis: items} of a study directory; files at its top level form "overview"."""
-    root = Path(study)
-    sections: dict[str, list[StudyItem]] = {}
-    folders = [("overview", root)] + sorted(
-        ((p.name, p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-        key=lambda kv: (KNOWN_ANALYSES.index(kv[0]) if kv[0] in KNOWN_ANALYSES
-                        else len(KNOWN_ANALYSES), kv[0]))
-    for name, folder in folders:
-        by_stem: dict[str, dict[str, str]] = {}
-        for f in sorted(folder.iterdir()):
-            if not f.is_file() or f.name.startswith(".") or f.name == "study.json":
-                continue
-            stem, _, ext = f.name.partition(".")
-            by_stem.setdefault(stem, {})[ext.lower()] = str(f)
-        items = [StudyItem(stem, files) for stem, files in sorted(by_stem.items())]
-        # a figure's data table has its own stem; a table beside a figure of the same stem
-        # is split off so both show
-        out: list[StudyItem] = []
-        for item in items:
-            if item.kind == "figure" and ({"parquet", "csv"} & set(item.files)):
-                out.append(StudyItem(item.name, {k: v for k, v in item.files.items()
-                                                 if k not in ("parquet", "csv")}))
-                out.append(StudyItem(item.name, {k: v for k, v in item.files.items()
-                                                 if k in ("parquet", "csv")}))
-            else:
-                out.append(item)
-        if out:
-            sections[name] = out
-    return sections
-
-
-@st.cache_data(max_entries=512, show_spinner=False)
-def read_table(path: str, ident: tuple[int, int] | None) -> pd.DataFrame:
-    del ident
-    if path.endswith(".parquet"):
-        return pd.read_parquet(path)
-    return pd.read_csv(path)
-
-
-@st.cache_data(max_entries=512, show_spinner=False)
-def read_text(path: str, ident: tuple[int, int] | None) -> str:
-    del ident
-    return Path(path).read_text(encoding="utf-8")
-
-
-def study_meta(study: str) -> dict:
-    try:
-        meta = json.loads(read_text(str(Path(study, "study.json")),
-                                    file_identity(Path(study, "study.json"))))
-        return meta if isinstance(meta, dict) else {}
-    except (OSError, ValueError):
-        return {}

@@ -8,6 +8,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from poise_dash.analysis import X_AXES, ema
+from poise_dash.token_view import SPAN_COLOURS, get_scale
 
 PALETTE = qualitative.Plotly + qualitative.D3
 DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
@@ -314,10 +315,8 @@ def entropy_strip(entropies: np.ndarray, spans: list[tuple[str, int, int]], vmax
                   title: str = "per-token entropy", pieces: list[str] | None = None,
                   scale: str = "entropy") -> go.Figure:
     """A per-token quantity at each completion position as bars, think/answer spans shaded:
-    entropy (nats) by default; `scale` "logprob" or "prob" (poise_dash.tokens.SCALES) when
+    entropy (nats) by default; `scale` "logprob" or "prob" (poise_dash.token_view.SCALES) when
     `entropies` holds log-probs or probabilities."""
-    from poise_dash.tokens import SPAN_COLOURS, get_scale
-
     sc = get_scale(scale)
     ent = np.asarray(entropies, float)
     xs = np.arange(len(ent))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from poise_dash import data
-from poise_dash.data import STATUS_ICONS, RunRef
+from poise_dash import data, run_index, study_files
+from poise_dash.run_index import STATUS_ICONS, RunRef
 
 APP_DIR = Path(__file__).resolve().parents[1]
 ENTRY = APP_DIR / "dashboard.py"
@@ -64,7 +64,7 @@ def roots() -> tuple[str, ...]:
 
 
 def all_runs() -> list[RunRef]:
-    return data.discover_runs(roots())[0]
+    return run_index.discover_runs(roots())[0]
 
 
 def by_path() -> dict[str, RunRef]:
@@ -129,7 +129,7 @@ def sidebar() -> None:
     """Folders, run selection and the live-refresh switch, shown on every page."""
     init_state()
     sb = st.sidebar
-    refs, warnings = data.discover_runs(roots())
+    refs, warnings = run_index.discover_runs(roots())
     for w in warnings:
         sb.warning(w)
     options = [r.path for r in refs]
@@ -162,12 +162,12 @@ def sidebar() -> None:
             else:
                 st.session_state["roots"] = list(dict.fromkeys(
                     [*roots(), str(path.resolve())]))
-                data.discover_runs.clear()
-                data.discover_studies.clear()
+                run_index.discover_runs.clear()
+                study_files.discover_studies.clear()
                 st.rerun()
         if st.button("Rescan folders", key="rescan"):
-            data.discover_runs.clear()
-            data.discover_studies.clear()
+            run_index.discover_runs.clear()
+            study_files.discover_studies.clear()
             st.rerun()
 
 

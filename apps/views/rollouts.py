@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pandas as pd
 import streamlit as st
-from poise_dash import analysis, data, figures, tokens, ui
+from poise_dash import analysis, data, figures, token_view, tokens, ui
 
 st.title("Rollouts")
 refs = ui.require_selection()
@@ -182,9 +182,9 @@ def _group_view(view: pd.DataFrame, event, target: str) -> None:
 
     # each colour scale needs its columns: runs written before them show entropy only
     aligned = {int(r["rollout_idx"]): tokens.align_row(r) for _, r in g.iterrows()}
-    scales = tokens.available_scales("token_logprobs" in g.columns,
-                                     _stores(g, "engine_logprobs"),
-                                     _stores(g, "token_advantages"))
+    scales = token_view.available_scales("token_logprobs" in g.columns,
+                                         _stores(g, "engine_logprobs"),
+                                         _stores(g, "token_advantages"))
     keys = [s.key for s in scales]
     if st.session_state.get("ro_colour") not in keys:       # e.g. a run without that column
         st.session_state.pop("ro_colour", None)
@@ -193,16 +193,16 @@ def _group_view(view: pd.DataFrame, event, target: str) -> None:
     if len(scales) > 1:
         key = c0.segmented_control(
             "colour by", keys, key="ro_colour", default="entropy",
-            required=True, format_func=lambda k: tokens.SCALES[k].label,
+            required=True, format_func=lambda k: token_view.SCALES[k].label,
             help="entropy of the policy at each token; the log-probability of the sampled "
                  "token under the policy that sampled it (the trainer's forward, "
                  "temperature-scaled as in the PPO ratio; coloured by surprisal −log p) or its "
                  "probability exp(log p); the rollout engine's own log-prob"
                  + (f" ({engine})" if engine else "") + " and its gap to the trainer's; the "
                  "per-token advantage (where the run stores each)")
-        scale = tokens.get_scale(key or "entropy")
+        scale = token_view.get_scale(key or "entropy")
     else:
-        scale = tokens.SCALES["entropy"]
+        scale = token_view.SCALES["entropy"]
         c0.caption("coloured by entropy (this run stores no per-token log-probs)")
     if scale.uses_vmax:
         magnitudes = [scale.magnitude(scale.values(al)) for al in aligned.values()]
@@ -213,7 +213,7 @@ def _group_view(view: pd.DataFrame, event, target: str) -> None:
         vmax = 1.0
         c1.caption("probability: white at p = 1, full colour at p = 0")
     show_tags = c2.toggle("show tags", value=True, key="ro_tags")
-    st.html(tokens.legend_html(vmax, scale, pooled=any(
+    st.html(token_view.legend_html(vmax, scale, pooled=any(
         al.pooled is not None for al in aligned.values())))
     per_row = min(len(g), 4)
     rows_of = [g.iloc[i:i + per_row] for i in range(0, len(g), per_row)]
@@ -262,7 +262,7 @@ def _fmt(v) -> str:
 
 
 def _rollout_card(r: pd.Series, al: tokens.Alignment, k: int, vmax: float, show_tags: bool,
-                  scale: tokens.Scale) -> None:
+                  scale: token_view.Scale) -> None:
     idx = int(r["rollout_idx"])
     adv, reward, base = float(r["advantage"]), float(r["reward"]), float(r["baseline"])
     tone = "🟩" if adv > analysis.ZERO_ADVANTAGE else "🟥" if adv < -analysis.ZERO_ADVANTAGE \
@@ -287,13 +287,13 @@ def _rollout_card(r: pd.Series, al: tokens.Alignment, k: int, vmax: float, show_
     if np.isfinite(adv) and np.isfinite(base) and abs(adv - (reward - base)) > 1e-5:
         st.caption(f"A ≠ r − b ({reward - base:+.3f}): the estimator rescales advantages")
     if al.coloured:
-        st.html(tokens.render_html(al, vmax, show_tags=show_tags, scale=scale))
+        st.html(token_view.render_html(al, vmax, show_tags=show_tags, scale=scale))
     else:
         st.code(str(r["completion"]), language=None, wrap_lines=True)
     st.caption(al.describe())
     if len(al.entropies):
-        pieces = [tokens.visible_piece(p)[1:-1] for p in al.pieces] if al.coloured else None
-        fig = figures.entropy_strip(al.values(scale), al.strip_spans(), vmax,
+        pieces = [token_view.visible_piece(p)[1:-1] for p in al.pieces] if al.coloured else None
+        fig = figures.entropy_strip(scale.values(al), al.strip_spans(), vmax,
                                     f"{scale.name} per token · rollout {idx}", pieces,
                                     scale=scale.key)
         ui.chart(st, fig, key=f"ro_strip_{r['step']}_{r['group_id']}_{idx}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-from poise_dash import analysis, data, ui
+from poise_dash import analysis, data, run_index, ui
 
 st.title("Runs")
 ui.own_query()
@@ -26,12 +26,12 @@ def _age(iso: str) -> str:
 
 
 def overview() -> None:
-    summaries = [data.summarise(r) for r in refs]
+    summaries = [run_index.summarise(r) for r in refs]
     sel = set(st.session_state.get("sel_runs", []))
     table = pd.DataFrame([{
         "selected": s.ref.path in sel,
         "run": s.ref.label,
-        "status": f"{data.STATUS_ICONS.get(s.status, '')} {s.status}",
+        "status": f"{run_index.STATUS_ICONS.get(s.status, '')} {s.status}",
         "algorithm": s.algorithm,
         "model": s.model,
         "steps": s.last_step,
@@ -45,7 +45,8 @@ def overview() -> None:
         "error": s.error or "",
     } for s in summaries])
     counts = table["status"].str.split().str[-1].value_counts()
-    st.caption(" · ".join(f"{data.STATUS_ICONS.get(k, '')} {v} {k}" for k, v in counts.items())
+    st.caption(" · ".join(f"{run_index.STATUS_ICONS.get(k, '')} {v} {k}"
+                          for k, v in counts.items())
                + " — tick rows and press *Compare ticked* to select them in the sidebar")
     event = st.dataframe(
         table, key="runs_table", hide_index=True, on_select="rerun",
@@ -77,7 +78,7 @@ def overview() -> None:
     _eval_table([s for s in summaries if s.ref.path in sel and s.status != "unreadable"])
 
 
-def _eval_table(summaries: list[data.RunSummary]) -> None:
+def _eval_table(summaries: list[run_index.RunSummary]) -> None:
     """Held-out accuracy per task, first and last evaluation, for the selected runs."""
     rows = []
     for s in summaries:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import plotly.io as pio
 import streamlit as st
-from poise_dash import data, ui
+from poise_dash import data, study_files, ui
 
 st.title("Probe studies")
 ui.own_query("study")
-studies = data.discover_studies(ui.roots())
+studies = study_files.discover_studies(ui.roots())
 if not studies:
     st.info("No probe-study directory (a folder whose study.json has "
             "`\"kind\": \"poise-probe-study\"`) under the dashboard's folders: "
@@ -36,7 +36,7 @@ if st.session_state.get("st_study") not in studies:
 labels = {s: _label(s) for s in studies}  # a pure format_func (no session state inside)
 study = st.selectbox("study", studies, key="st_study", format_func=labels.__getitem__)
 ui.set_query(study=_label(study))
-meta = data.study_meta(study)
+meta = study_files.study_meta(study)
 facts = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) and k != "kind"}
 if facts:
     st.caption(" · ".join(f"{k}: **{v}**" for k, v in facts.items()))
@@ -44,7 +44,7 @@ with st.expander("study.json"):
     st.json(meta, expanded=True)
 
 try:
-    sections = data.study_sections(study)
+    sections = study_files.study_sections(study)
 except OSError as err:
     st.warning(f"cannot list {study}: {err}")
     st.stop()
@@ -53,10 +53,10 @@ if not sections:
     st.stop()
 
 
-def _figure(item: data.StudyItem, key: str) -> None:
+def _figure(item: study_files.StudyItem, key: str) -> None:
     path = item.files["json"]
     try:
-        text = data.read_text(path, data.file_identity(path))
+        text = study_files.read_text(path, data.file_identity(path))
         obj = json.loads(text)
     except (OSError, ValueError) as err:
         st.warning(f"{Path(path).name}: cannot read ({err})")
@@ -78,10 +78,10 @@ def _figure(item: data.StudyItem, key: str) -> None:
         st.caption(f"`{item.name}` · also saved as " + ", ".join(f"`{e}`" for e in extra))
 
 
-def _table(item: data.StudyItem, key: str, expanded: bool) -> None:
+def _table(item: study_files.StudyItem, key: str, expanded: bool) -> None:
     path = item.files.get("parquet") or item.files["csv"]
     try:
-        df = data.read_table(path, data.file_identity(path))
+        df = study_files.read_table(path, data.file_identity(path))
     except Exception as err:  # pandas/pyarrow raise many types for a bad file
         st.warning(f"{Path(path).name}: cannot read ({type(err).__name__}: {err})")
         return
