@@ -2,18 +2,56 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+from pathlib import Path
 
+import poise_probe
 from poise_probe import __version__
 
+OVERRIDES_HELP = ("config overrides: section.key=value, a key only one section has "
+                  "(adv_estimator=grpo) or a TRL/verl alias (learning_rate=1e-5); values are YAML")
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where they say something: not for required options, None, empty lists,
+    flags, or help that names its default itself; blank lines in descriptions and epilogs
+    separate paragraphs."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help, d = action.help or "", action.default
+        if (action.required or d is None or d is False or d is argparse.SUPPRESS
+                or (isinstance(d, list) and not d) or "default" in help.lower()):
+            return help
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(super(HelpFormatter, self)._fill_text(p, width, indent)
+                            for p in text.split("\n\n"))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with `HelpFormatter` for every command; a callable epilog is built only when
+    help is printed (the train epilog imports the estimator registry, hence torch)."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `poise` command line with every subcommand."""
+    parser = Parser(
         prog="poise", description="POISE: RLVR with a probe on the policy's own internal states.")
     parser.add_argument("--version", action="version", version=f"poise-probe {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO level and show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_eval(sub)
     _add_train(sub)
@@ -25,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     from poise_probe.dashboard import add_parser as add_dashboard_parser
 
     add_dashboard_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may also follow the options (`--output DIR optim.lr=1e-5`)
     if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-")
@@ -39,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError) as exc:
         if args.verbose:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
@@ -53,24 +96,28 @@ def _add_eval(sub) -> None:
                                    "score them with the task's verifier and report accuracy, "
                                    "Avg@K, Pass@K and the share of prompts with mixed outcomes.")
     p.add_argument("--model", default="tiny-reasoner",
-                   help="local model directory (save_pretrained) or 'tiny-reasoner' (default)")
+                   help="local model directory (save_pretrained) or 'tiny-reasoner'")
     p.add_argument("--tasks", default=None,
                    help="comma-separated task names (arith, boolean, code_output, humaneval, "
                         "rg:<dataset>, or a .jsonl/.parquet file); default: one built-in family "
                         "per domain")
-    p.add_argument("--n", type=int, default=100, help="held-out prompts per task (default 100)")
-    p.add_argument("--samples", type=int, default=8, help="completions per prompt, K (default 8)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--n", type=int, default=100, help="held-out prompts per task")
+    p.add_argument("--samples", type=int, default=8, help="completions per prompt, K")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass (1: the whole vocabulary)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="most new tokens per completion")
+    p.add_argument("--batch-size", type=int, default=256, help="rows per generation batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the sampling")
+    p.add_argument("--split", default="test", choices=["test", "train"],
+                   help="which split of each task to draw the prompts from")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if "
                                                   "available, else cpu)")
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
-                   help="rollout engine: hf (transformers generate, default) or vllm (needs the "
-                        "vLLM environment: make vllm-env)")
+                   help="rollout engine: hf (transformers generate) or vllm (needs the vLLM "
+                        "environment: make vllm-env)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_run_eval)
 
@@ -142,13 +189,40 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="RL training (POISE, GRPO, DAPO, RLOO, ...) from a recipe",
                        description="Train with a YAML recipe; override any key as key=value "
                                    "(section.key or a unique key name, e.g. optim.lr=1e-5 "
-                                   "adv_estimator=grpo).")
-    p.add_argument("--config", default=None, help="YAML recipe (training/configs/*.yaml)")
+                                   "adv_estimator=grpo). `poise config show` prints the "
+                                   "resulting configuration, docs/config.md every key.",
+                       epilog=_train_epilog)
+    p.add_argument("--config", default=None,
+                   help="YAML recipe (training/configs/*.yaml; default: the built-in defaults)")
     p.add_argument("--output", default=None, help="run directory (default: trainer.output_dir)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output from its last checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.set_defaults(func=_run_train)
+
+
+def recipe_dir() -> Path | None:
+    """training/configs of this checkout (the package's parent folder); a wheel has none."""
+    folder = Path(poise_probe.__file__).resolve().parents[1] / "training" / "configs"
+    return folder if folder.is_dir() else None
+
+
+def _train_epilog() -> str:
+    from poise_probe.advantages import ADV_ESTIMATORS
+
+    folder = recipe_dir()
+    names = sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
+    if names:
+        try:
+            shown = folder.relative_to(Path.cwd())
+        except ValueError:
+            shown = folder
+        recipes = f"recipes (--config {shown}/NAME.yaml): {', '.join(names)}."
+    else:
+        recipes = ("recipes: none here; they are not installed with the package, they live in "
+                   "training/configs/ of a source checkout.")
+    return (f"{recipes}\n\nadvantage estimators (algorithm.adv_estimator=NAME): "
+            f"{', '.join(sorted(ADV_ESTIMATORS))}.")
 
 
 def _add_config(sub) -> None:
@@ -156,15 +230,18 @@ def _add_config(sub) -> None:
                        description="show: the configuration a `poise train` with these arguments "
                                    "would use, each value's source (default, file, override) and "
                                    "help; docs: docs/config.md, generated from the dataclasses.")
-    p.add_argument("action", choices=["show", "docs"])
-    p.add_argument("--config", default=None, help="YAML recipe (training/configs/*.yaml)")
+    p.add_argument("action", choices=["show", "docs"],
+                   help="show: the effective configuration; docs: print docs/config.md")
+    p.add_argument("--config", default=None,
+                   help="YAML recipe (training/configs/*.yaml; default: the built-in defaults)")
     p.add_argument("--json", action="store_true", help="show: print one JSON list of rows")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.set_defaults(func=_run_config)
 
 
 def _run_config(args) -> int:
-    from poise_probe.config import config_markdown, describe, load_config_with_sources
+    from poise_probe.config import load_config_with_sources
+    from poise_probe.config_docs import config_markdown, describe
 
     if args.action == "docs":
         print(config_markdown(), end="")
@@ -194,7 +271,8 @@ def _add_demo(sub) -> None:
                        description="Train the tiny reasoner with POISE on the default task mix, "
                                    "evaluating held-out accuracy before and after.")
     p.add_argument("--output", default=None, help="run directory (default: runs/demo-<time>)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=OVERRIDES_HELP + ", applied after the demo's own")
     p.set_defaults(func=_run_demo)
 
 
@@ -243,7 +321,8 @@ def _train_with_progress(cfg, output, resume: bool, demo: bool = False) -> int:
         tqdm.write(format_step(step, m), file=sys.stderr)
 
     try:
-        run_dir = train(cfg, out, resume=resume, progress=on_step)
+        with quiet_library_bars():
+            run_dir = train(cfg, out, resume=resume, progress=on_step)
     finally:
         bar.close()
     reader = RunReader(run_dir)
@@ -254,6 +333,26 @@ def _train_with_progress(cfg, output, resume: bool, demo: bool = False) -> int:
 
         print(f"open the dashboard: {dashboard_command(run_dir)}")
     return 0
+
+
+@contextlib.contextmanager
+def quiet_library_bars():
+    """transformers' and huggingface_hub's own bars ("Loading weights", "Writing model
+    shards" at each checkpoint) off while the step bar is drawn: they would draw over it."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    was_on, hub_was_on = hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()                # huggingface_hub's too
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()             # huggingface_hub's too
+        if not hub_was_on:
+            hub.disable_progress_bars()
+        elif not was_on:
+            hub.enable_progress_bars()
 
 
 def format_step(step: int, m: dict) -> str:

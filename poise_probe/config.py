@@ -12,8 +12,10 @@ from typing import Any
 
 import yaml
 
+from poise_probe.config_docs import ALIASES
 from poise_probe.losses import AGG_MODES as LOSS_AGG_MODES  # one definition, the loss's
 from poise_probe.losses import KL_KINDS
+from poise_probe.tracking import SINK_NAMES
 
 ROLLOUT_ENGINES = ("hf", "vllm")
 
@@ -222,8 +224,15 @@ class TrainerConfig:
     save_every: int = opt(10, 'checkpoint every this many steps (and at the last)')
     keep_checkpoints: int = opt(2, 'newest checkpoints kept')
     log_rollouts_every: int = opt(1, 'write the rollout table every this many steps')
+    report_to: list[str] = opt(
+        list, "metric mirrors of metrics.jsonl (TRL report_to): tensorboard (event files in "
+              "the run's tensorboard/), wandb (an offline run in its wandb/); needs the "
+              "tracking extra", factory=True)
+    wandb_project: str = opt("poise-probe", "W&B project of the offline run (report_to: wandb)")
 
     def __post_init__(self):
+        for name in self.report_to:
+            _choice("trainer.report_to[]", name, SINK_NAMES)
         _positive("trainer.total_steps", self.total_steps)
         _positive("trainer.save_every", self.save_every)
         _positive("trainer.keep_checkpoints", self.keep_checkpoints)
@@ -263,24 +272,6 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-
-
-# Names TRL and verl users type, mapped to this config's keys (shown by `poise config show`).
-# A value map translates values too; a value it lacks is refused, naming the choices.
-ALIASES: dict[str, tuple[str, dict[str, str] | None]] = {
-    "learning_rate": ("optim.lr", None),                        # TRL
-    "clip_ratio_low": ("algorithm.epsilon", None),              # verl
-    "clip_ratio_high": ("algorithm.epsilon_high", None),        # verl
-    "beta": ("algorithm.kl_coef", None),                        # TRL
-    "kl_loss_coef": ("algorithm.kl_coef", None),                # verl
-    "kl_loss_type": ("algorithm.kl_type", None),                # verl
-    "loss_type": ("algorithm.loss_agg_mode",                    # TRL
-                  {"dapo": "token-mean", "bnpo": "token-mean", "grpo": "seq-mean-token-mean"}),
-    "train_batch_size": ("rollout.prompts_per_step", None),     # verl data.train_batch_size
-    "response_length": ("rollout.max_completion_length", None),  # verl rollout.response_length
-    "ppo_mini_batch_size": ("optim.mini_batch_prompts", None),  # verl
-    "grad_clip": ("optim.max_grad_norm", None),                 # verl
-}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -355,12 +346,12 @@ def _canonical_sections(raw: dict, sources: dict, origin: str) -> dict:
 
 def from_dict(raw: dict) -> Config:
     """Build a `Config` from nested dicts, naming any unknown section or key and bad types."""
-    unknown = set(raw) - set(_section_classes())
+    unknown = set(raw) - set(section_classes())
     if unknown:
         raise ValueError(f"unknown config section(s) {sorted(unknown)}; sections are "
-                         f"{sorted(_section_classes())}.")
+                         f"{sorted(section_classes())}.")
     sections = {}
-    for name, cls in _section_classes().items():
+    for name, cls in section_classes().items():
         values = raw.get(name) or {}
         if not isinstance(values, dict):
             raise ValueError(f"config section {name!r} must be a mapping; got {values!r}.")
@@ -390,7 +381,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def resolve_key(key: str) -> tuple[str, str]:
     """`section.field`, or a bare field name that exactly one section has."""
-    classes = _section_classes()
+    classes = section_classes()
     if "." in key:
         section, name = key.split(".", 1)
         if section not in classes:
@@ -414,7 +405,8 @@ def resolve_key(key: str) -> tuple[str, str]:
     raise ValueError(f"unknown config key {key!r}{hint}.")
 
 
-def _section_classes() -> dict[str, type]:
+def section_classes() -> dict[str, type]:
+    """{section name: its dataclass}, in `Config`'s order."""
     hints = typing.get_type_hints(Config)
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
@@ -484,58 +476,3 @@ def _positive(key: str, value: int) -> None:
 def _nonneg(key: str, value: float) -> None:
     if value < 0:
         raise ValueError(f"{key} must be >= 0; got {value}.")
-
-
-# --- the configuration described: `poise config show` and docs/config.md --------------------
-
-def describe(cfg: Config, sources: dict[str, str] | None = None) -> list[dict]:
-    """One row per field: key, value, where it came from, its help and its TRL/verl aliases."""
-    aliases: dict[str, list[str]] = {}
-    for alias, (canonical, _) in ALIASES.items():
-        aliases.setdefault(canonical, []).append(alias)
-    rows = []
-    for section, cls in _section_classes().items():
-        values = getattr(cfg, section)
-        for f in dataclasses.fields(cls):
-            key = f"{section}.{f.name}"
-            rows.append({"key": key, "value": getattr(values, f.name),
-                         "source": (sources or {}).get(key, "default"),
-                         "help": f.metadata.get("help", ""), "aliases": aliases.get(key, [])})
-    return rows
-
-
-def config_markdown() -> str:
-    """docs/config.md: every field with its type, default, help and aliases (generated)."""
-    hints = {s: typing.get_type_hints(c) for s, c in _section_classes().items()}
-    out = ["# Configuration", "",
-           "Generated by `poise config docs > docs/config.md` from the dataclasses in",
-           "`poise_probe/config.py`; a test fails when this file is stale. `poise config show",
-           "[--config F] [key=value ...]` prints the effective values and where each came from.",
-           "Override any key as `section.key=value`, by its bare name when only one section has",
-           "it, or by a TRL/verl alias (last column).", ""]
-    by_section: dict[str, list[dict]] = {}
-    for row in describe(Config()):
-        by_section.setdefault(row["key"].split(".")[0], []).append(row)
-    for section, rows in by_section.items():
-        out += [f"## {section}", "", "| key | type | default | meaning | aliases |",
-                "|---|---|---|---|---|"]
-        for r in rows:
-            name = r["key"].split(".", 1)[1]
-            tp = _type_name(hints[section][name])
-            out.append(f"| `{r['key']}` | {tp} | `{_yaml_value(r['value'])}` | "
-                       f"{r['help'].replace('|', '/')} | "
-                       f"{', '.join(f'`{a}`' for a in r['aliases'])} |")
-        out.append("")
-    mapped = [f"- `{a}` -> `{c}`" + (f" ({', '.join(f'{k} -> {v}' for k, v in m.items())})"
-                                       if m else "") for a, (c, m) in ALIASES.items()]
-    out += ["## Aliases", "", *mapped, ""]
-    return "\n".join(out)
-
-
-def _type_name(tp) -> str:
-    return (str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            .replace(" | ", " or "))
-
-
-def _yaml_value(v) -> str:
-    return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()

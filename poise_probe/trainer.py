@@ -40,6 +40,7 @@ from poise_probe.rollout import RolloutEngine, SamplingSettings, make_engine, sa
 from poise_probe.rollout.collect import collect_rollouts
 from poise_probe.rundir import RunWriter
 from poise_probe.state import TrainState, seed_everything
+from poise_probe.tracking import Tracker, open_tracker, require
 from poise_probe.update import old_policy_pass, ppo_update, response_mask
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Run:
     device: torch.device
     autocast: object
     sampling: SamplingSettings
+    tracker: Tracker                     # TensorBoard / W&B mirrors of metrics.jsonl, if any
 
 
 def select_device(cfg: Config) -> torch.device:
@@ -89,6 +91,7 @@ def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = F
     """
     out = Path(output_dir or cfg.trainer.output_dir)
     device = select_device(cfg)
+    require(cfg.trainer.report_to)       # a missing tracking package fails before the model loads
     seed_everything(cfg.trainer.seed)
     model, tokenizer = load_policy(cfg.model.path, device=device, dtype=_param_dtype(cfg))
     if cfg.model.dtype == "bfloat16":
@@ -125,12 +128,15 @@ def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = F
                              "run_name": out.name})
     if resume:
         resume_from_checkpoint(writer, state)
-    engine = None
+    engine, tracker = None, Tracker()
     try:
+        tracker = open_tracker(cfg.trainer.report_to, out, config=cfg.to_dict(),
+                               wandb_project=cfg.trainer.wandb_project,
+                               resume_step=state.step if resume else None)
         autocast = _autocast(cfg, device)
         engine = make_engine(cfg, model, tokenizer, device, autocast)   # holds current weights
         run = Run(cfg, state, tokenizer, engine, ref, TagIds.from_tokenizer(tokenizer), layer,
-                  writer, device, autocast, sampling_settings(cfg))
+                  writer, device, autocast, sampling_settings(cfg), tracker)
         if state.step == 0:
             _evaluate(run, step=0)
         for step in range(state.step + 1, cfg.trainer.total_steps + 1):
@@ -141,6 +147,7 @@ def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = F
                 metrics.update(_evaluate(run, step=step, log=False))
                 metrics["timing_s/eval"] = time.perf_counter() - t
             writer.log_metrics(step, metrics)
+            tracker.log(step, metrics)
             state.step = step
             if last or step % cfg.trainer.save_every == 0:
                 save_checkpoint(writer, state, tokenizer)
@@ -153,6 +160,7 @@ def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = F
         writer.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        tracker.close()
         if engine is not None:
             engine.close()
     writer.close("finished")
@@ -271,6 +279,7 @@ def _evaluate(run: Run, step: int, log: bool = True) -> dict:
         m[f"eval/domain/{d}/accuracy"] = s["accuracy"]
     if log:
         run.writer.log_metrics(step, m)
+        run.tracker.log(step, m)
     return m
 
 

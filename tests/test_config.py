@@ -61,6 +61,8 @@ def test_overrides_dotted_and_bare():
     ("optim.lr=-1", "optim.lr must be > 0"),
     ("rollout.temperature=0", "rollout.temperature must be > 0"),
     ("noequals", "must look like key=value"),
+    ("trainer.report_to=[mlflow]", r"trainer.report_to\[\] must be one of \['tensorboard'"),
+    ("report_to=wandb", "trainer.report_to must be a list"),
 ])
 def test_bad_overrides_name_the_key(override, match):
     with pytest.raises(ValueError, match=match):
@@ -104,9 +106,10 @@ def test_demo_is_the_poise_tiny_recipe():
 def test_every_field_has_help_and_the_docs_are_current():
     import dataclasses
 
-    from poise_probe.config import _section_classes, config_markdown
+    from poise_probe.config import section_classes
+    from poise_probe.config_docs import config_markdown
 
-    for section, cls in _section_classes().items():
+    for section, cls in section_classes().items():
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{section}.{f.name} has no help"
     doc = Path(__file__).parents[1] / "docs" / "config.md"

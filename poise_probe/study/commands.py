@@ -1,7 +1,8 @@
-"""`poise probe capture | sweep | calibrate | transfer`: the probe-study command line."""
+"""`poise probe capture | sweep | calibrate | transfer`: the probe-study command line.
+
+Help shows defaults through `poise_probe.cli.HelpFormatter`, which `poise`'s parser hands down."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -46,8 +47,7 @@ def _add_capture(psub) -> None:
         description="Capture pooled residual streams (nnsight) and token-entropy statistics of "
                     "rollouts from a trainer run directory (--run) or sampled fresh on tasks "
                     "(--tasks), into a resumable dataset directory: rerun the same command to "
-                    "resume an interrupted capture.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "resume an interrupted capture.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="trainer run directory whose saved rollouts to capture")
     src.add_argument("--tasks", help="comma-separated tasks to sample fresh rollouts on "
@@ -59,21 +59,27 @@ def _add_capture(psub) -> None:
     p.add_argument("--steps", default=None, help="with --run: all, A:B (inclusive) or a list")
     p.add_argument("--prompts", type=int, default=200, help="with --tasks: prompts per task")
     p.add_argument("--samples", type=int, default=4, help="with --tasks: rollouts per prompt, K")
-    p.add_argument("--split", default="test", choices=["test", "train"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--gen-batch-size", type=int, default=256)
+    p.add_argument("--split", default="test", choices=["test", "train"],
+                   help="with --tasks: which split of each task to draw prompts from")
+    p.add_argument("--seed", type=int, default=0, help="with --tasks: seed of prompts and sampling")
+    p.add_argument("--max-new-tokens", type=int, default=96,
+                   help="with --tasks: most new tokens per rollout")
+    p.add_argument("--gen-batch-size", type=int, default=256,
+                   help="with --tasks: rows per generation batch")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature; entropies use logits / temperature")
     p.add_argument("--layers", default="all", help="'all' or comma-separated 0-based blocks")
     p.add_argument("--prompt-windows", default="1,5,10,32", help="n of prompt_last_n poolings")
     p.add_argument("--reasoning-windows", default="1,5,10,32",
                    help="n of reasoning_last_n poolings (ending at </think>)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--backend", default="nnsight", choices=["nnsight", "hooks"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype the pooled features are stored in")
+    p.add_argument("--backend", default="nnsight", choices=["nnsight", "hooks"],
+                   help="capture under nnsight, or plain torch hooks (for equivalence checks)")
     p.add_argument("--batch-size", type=int, default=32, help="rollouts per forward")
     p.add_argument("--shard-rows", type=int, default=256, help="rollouts per shard file")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.set_defaults(func=_run_capture)
 
 
@@ -175,7 +181,7 @@ def _common(p, *, need_data: bool = True) -> None:
     p.add_argument("--alphas", default="1,10,100,1000",
                    help="ridge alphas; several = nested grouped CV picks one per fold")
     p.add_argument("--folds", type=int, default=5, help="grouped CV folds (by prompt)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold split and bootstraps")
     p.add_argument("--no-png", action="store_true", help="skip PNG export (HTML/JSON only)")
 
 
@@ -185,8 +191,7 @@ def _add_sweep(psub) -> None:
         description="Fit the trainer's probe (StandardScaler -> Ridge, clipped) for every "
                     "captured layer, window n and reasoning pooling with cross-validation grouped "
                     "by prompt; report MAE/RMSE/Pearson/Brier skill against the leave-one-out "
-                    "target and Avg@K; then the paper's input ablation at the best setting.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "target and Avg@K; then the paper's input ablation at the best setting.")
     _common(p)
     p.add_argument("--layers", default="all", help="'all' captured layers or a list")
     p.add_argument("--windows", default="all", help="'all' captured windows or a list")
@@ -272,14 +277,14 @@ def _add_calibrate(psub) -> None:
                     "equal-mass reliability diagrams, ECE with a bootstrap CI, Brier score with "
                     "its Murphy decomposition, linear/Platt/isotonic recalibration fitted out of "
                     "fold, by domain and by length. With --run: calibration of the run's online "
-                    "probe over training steps.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "probe over training steps.")
     _common(p, need_data=False)
     p.add_argument("--run", default=None, help="run directory: calibration over training steps")
     p.add_argument("--layer", type=int, default=None, help="default: the sweep's best")
     p.add_argument("--window", type=int, default=None, help="default: the sweep's best")
     p.add_argument("--bins", type=int, default=None, help="bins (default n^(1/3))")
-    p.add_argument("--methods", default="linear,platt,isotonic")
+    p.add_argument("--methods", default="linear,platt,isotonic",
+                   help="recalibration methods to fit out of fold")
     p.add_argument("--step-window", type=int, default=5, help="steps pooled per point (--run)")
     p.set_defaults(func=_run_calibrate)
 
@@ -333,8 +338,7 @@ def _add_transfer(psub) -> None:
         "transfer", help="fit on one domain, evaluate on another; recovery curves",
         description="Transfer matrix (fit on domain A, evaluate on B; diagonal in-domain by "
                     "grouped CV) with surface baselines, and how many target-domain prompts "
-                    "recover in-domain quality by recalibration or refitting.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "recover in-domain quality by recalibration or refitting.")
     _common(p)
     p.add_argument("--layer", type=int, default=None, help="default: the sweep's best")
     p.add_argument("--window", type=int, default=None, help="default: the sweep's best")
@@ -343,7 +347,8 @@ def _add_transfer(psub) -> None:
     p.add_argument("--by", default="domain", choices=["domain", "data_source", "task"],
                    help="what counts as a domain")
     p.add_argument("--sizes", default="0,4,8,16,32,64", help="target prompts for the curve")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5,
+                   help="random draws of the target prompts per curve point")
     p.set_defaults(func=_run_transfer)
 
 
