@@ -10,6 +10,7 @@ from pathlib import Path
 
 import poise_probe
 from poise_probe import __version__
+from poise_probe.cli_args import add_sampling_args
 
 OVERRIDES_HELP = ("config overrides: section.key=value, a key only one section has "
                   "(adv_estimator=grpo) or a TRL/verl alias (learning_rate=1e-5); values are YAML")
@@ -102,17 +103,10 @@ def _add_eval(sub) -> None:
                         "rg:<dataset>, or a .jsonl/.parquet file); default: one built-in family "
                         "per domain")
     p.add_argument("--n", type=int, default=100, help="held-out prompts per task")
-    p.add_argument("--samples", type=int, default=8, help="completions per prompt, K")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="sampling temperature (0: greedy)")
+    add_sampling_args(p, samples=8, max_new_tokens=128)
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling mass (1: the whole vocabulary)")
-    p.add_argument("--max-new-tokens", type=int, default=128,
-                   help="most new tokens per completion")
     p.add_argument("--batch-size", type=int, default=256, help="rows per generation batch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the sampling")
-    p.add_argument("--split", default="test", choices=["test", "train"],
-                   help="which split of each task to draw the prompts from")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if "
                                                   "available, else cpu)")
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"],

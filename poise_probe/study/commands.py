@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from poise_probe.cli_args import add_sampling_args
+
 
 def add_probe_parser(sub) -> None:
     p = sub.add_parser("probe", help="probe studies: capture activations, sweep layers and "
@@ -58,16 +60,9 @@ def _add_capture(psub) -> None:
                         "latest checkpoint policy, with --tasks the tiny reasoner")
     p.add_argument("--steps", default=None, help="with --run: all, A:B (inclusive) or a list")
     p.add_argument("--prompts", type=int, default=200, help="with --tasks: prompts per task")
-    p.add_argument("--samples", type=int, default=4, help="with --tasks: rollouts per prompt, K")
-    p.add_argument("--split", default="test", choices=["test", "train"],
-                   help="with --tasks: which split of each task to draw prompts from")
-    p.add_argument("--seed", type=int, default=0, help="with --tasks: seed of prompts and sampling")
-    p.add_argument("--max-new-tokens", type=int, default=96,
-                   help="with --tasks: most new tokens per rollout")
+    add_sampling_args(p, samples=4, max_new_tokens=96, when="with --tasks: ")
     p.add_argument("--gen-batch-size", type=int, default=256,
                    help="with --tasks: rows per generation batch")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="sampling temperature; entropies use logits / temperature")
     p.add_argument("--layers", default="all", help="'all' or comma-separated 0-based blocks")
     p.add_argument("--prompt-windows", default="1,5,10,32", help="n of prompt_last_n poolings")
     p.add_argument("--reasoning-windows", default="1,5,10,32",
