@@ -1,8 +1,17 @@
-"""Shared fixtures: a tiny random Qwen3 saved like a real checkpoint."""
+"""Shared fixtures: a tiny random Qwen3 saved like a real checkpoint; one torch thread."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
+
+# The tests run tiny models, where intra-op threads buy nothing; on a shared CPU they cost a lot,
+# since every op's OpenMP barrier waits for whichever thread was preempted (a 3-step tiny run:
+# 19 s with 2 threads on a busy 2-core machine, 3 s with 1). Subprocesses (`poise train`,
+# `poise probe capture`) inherit the variable. Set OMP_NUM_THREADS to choose another count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

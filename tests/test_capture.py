@@ -22,9 +22,11 @@ from poise_probe.capture import (
     plan_from_run,
 )
 from poise_probe.capture.collect import parse_pooling, pooling_matrix
+from poise_probe.capture.dataset import tensor_name
 from poise_probe.features import TagIds, pack_rollouts, policy_forward, response_spans
 from poise_probe.models import load_policy
 from poise_probe.rundir import RunReader
+from run_helpers import run
 
 TAGS = TagIds(think_open=1, think_close=2, answer_open=3, answer_close=4)
 
@@ -230,6 +232,29 @@ def test_dataset_round_trip_and_feature_sets(tiny, tmp_path):
         ds.design("everything", 0, 2)
 
 
+def test_in_memory_dataset_reads_like_the_one_on_disk(tiny, tmp_path):
+    disk = _capture(tiny, tmp_path / "d", _plan(tiny[1]))
+    tensors = {tensor_name(layer, p): disk.pooled(layer, p) for layer in disk.layers
+               for p in disk.poolings}
+    tensors.update(entropy_stats=disk.entropy_stats(), seq_stats=disk.seq_stats())
+    shape = {"layers": disk.layers, "poolings": disk.poolings, "hidden_size": disk.hidden_size}
+    mem = CaptureDataset.from_arrays(disk.index, tensors, **shape)
+    assert len(mem) == len(disk) and mem.windows() == disk.windows() == [2, 5]
+    for feature_set in ("full", "reasoning", "entropy", "prompt", "length"):
+        np.testing.assert_array_equal(mem.design(feature_set, 1, 5),
+                                      disk.design(feature_set, 1, 5), err_msg=feature_set)
+    np.testing.assert_array_equal(mem.seq_stats(), disk.seq_stats())
+    with pytest.raises(DatasetError, match=r"layer 3 was not captured in :memory:"):
+        mem.pooled(3, "prompt_last_5")
+    missing = {k: v for k, v in tensors.items() if k != "entropy_stats"}
+    with pytest.raises(DatasetError, match="lacks the tensor 'entropy_stats'"):
+        CaptureDataset.from_arrays(disk.index, missing, **shape)
+    short = {**tensors, "layers.1.resid_post.prompt_last_5": tensors["seq_stats"]}
+    with pytest.raises(DatasetError, match=r"'layers.1.resid_post.prompt_last_5' has shape "
+                                           r"\(18, 5\); expected \(18, \d+\)"):
+        CaptureDataset.from_arrays(disk.index, short, **shape)
+
+
 def test_interrupted_capture_resumes_to_identical_shards(tiny, tmp_path):
     plan = _plan(tiny[1])
     _capture(tiny, tmp_path / "full", plan)
@@ -246,6 +271,7 @@ def test_interrupted_capture_resumes_to_identical_shards(tiny, tmp_path):
     assert resumed.index["row"].tolist() == list(range(18))   # no duplicate rows
 
 
+@pytest.mark.slow
 def test_sigkilled_capture_resumes(tiny_model_dir, tmp_path):
     """A real `poise probe capture` killed mid-run, then rerun: every row once."""
     out = tmp_path / "cap"
@@ -326,8 +352,6 @@ def test_mixing_captures_of_different_settings_is_refused(tiny, tmp_path):
 def test_capture_of_a_run_reproduces_the_trainers_probe_predictions(tiny_model_dir, tmp_path):
     """Rollouts of step 2 were sampled and scored by checkpoint 1 with probe snapshot 1: the
     capture of those rollouts, through that probe, gives the probe_pred the trainer logged."""
-    from test_trainer import run
-
     from poise_probe.probe import RidgeProbe
 
     out = run(tiny_model_dir, tmp_path / "run", **{"trainer.keep_checkpoints": 5})

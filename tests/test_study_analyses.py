@@ -12,24 +12,6 @@ from poise_probe.study import analyses as A
 from poise_probe.study import report as R
 
 
-class MemoryDataset(CaptureDataset):
-    """A capture held in memory: the analyses' view of a dataset, with planted features."""
-
-    def __init__(self, index: pd.DataFrame, tensors: dict[str, np.ndarray], layers, windows,
-                 hidden: int):
-        self.index_ = index
-        self._index = index
-        self._cache = dict(tensors)
-        self.layers = list(layers)
-        self.poolings = ([f"prompt_last_{w}" for w in windows]
-                         + [f"reasoning_last_{w}" for w in windows]
-                         + ["response_mean", "response_last"])
-        self.hidden_size = hidden
-        self.n_rows = len(index)
-        self.manifest = {}
-        self.path = "memory"
-
-
 def make_dataset(n_prompts=120, k=4, hidden=8, layers=(0, 1, 2), windows=(1, 5),
                  signal=(1, 5), seed=0, domains=("math", "code"), shift=False):
     """Rewards ~ Bernoulli(p(prompt)); only layer/window `signal` carries p (prompt vector)."""
@@ -58,7 +40,10 @@ def make_dataset(n_prompts=120, k=4, hidden=8, layers=(0, 1, 2), windows=(1, 5),
                 size=(rows, hidden)).astype(np.float32)
     tensors["entropy_stats"] = rng.normal(size=(rows, 3)).astype(np.float32)
     tensors["seq_stats"] = rng.normal(size=(rows, 5)).astype(np.float32)
-    return MemoryDataset(index, tensors, layers, windows, hidden), p
+    poolings = ([f"prompt_last_{w}" for w in windows] + [f"reasoning_last_{w}" for w in windows]
+                + ["response_mean", "response_last"])
+    return CaptureDataset.from_arrays(index, tensors, layers=layers, poolings=poolings,
+                                      hidden_size=hidden), p
 
 
 def test_targets_are_leave_one_out_and_avg_at_k():

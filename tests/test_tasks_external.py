@@ -1,7 +1,6 @@
 """External task sources: reasoning-gym adapter, math-verify scoring, verl-format task files."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import threading
@@ -15,15 +14,6 @@ from poise_probe.tasks.files import FileTask, test_program, to_jsonable, write_r
 from poise_probe.tasks.mathverify import score_math
 from poise_probe.tasks.rg import (ANSWER_INSTRUCTION, ReasoningGymTask, dataset_category,
                                   list_datasets)
-
-
-def _get_task_ready() -> bool:
-    return all(importlib.util.find_spec(m) is not None
-               for m in ("poise_probe.tasks.builtin", "poise_probe.tasks.humaneval"))
-
-
-needs_get_task = pytest.mark.skipif(not _get_task_ready(),
-                                    reason="get_task needs tasks.builtin and tasks.humaneval")
 
 
 # --- reasoning-gym ----------------------------------------------------------------------
@@ -150,7 +140,6 @@ def test_rg_unknown_name_lists_close_names():
     assert "basic_arithmetic" in msg and "list_datasets()" in msg
 
 
-@needs_get_task
 def test_get_task_resolves_rg_names():
     from poise_probe.tasks import get_task
 
@@ -357,11 +346,6 @@ def test_file_code_rows_run_their_tests_in_the_sandbox(tmp_path, monkeypatch):
     assert test_program(bad[1], task.examples[1]).rstrip().endswith("check(dbl)")
 
 
-needs_sandbox = pytest.mark.skipif(importlib.util.find_spec("poise_probe.sandbox") is None,
-                                   reason="poise_probe.sandbox not written yet")
-
-
-@needs_sandbox
 def test_file_code_rows_with_the_real_sandbox(tmp_path):
     task = FileTask(_write_jsonl(tmp_path / "c.jsonl",
                                  [_row("inc", "assert inc(1) == 2", ability="code")]))
@@ -372,9 +356,6 @@ def test_file_code_rows_with_the_real_sandbox(tmp_path):
     assert task.score_many(completions, [ex, ex]) == [1.0, 0.0]
 
 
-@needs_sandbox
-@pytest.mark.skipif(importlib.util.find_spec("poise_probe.tasks.humaneval") is None,
-                    reason="poise_probe.tasks.humaneval not written yet")
 def test_humaneval_rows_exported_to_a_file_score_like_humaneval(tmp_path):
     from poise_probe.tasks.humaneval import HumanEvalTask, load_problems
 
@@ -479,7 +460,6 @@ def test_to_jsonable_converts_sensibly():
     assert to_jsonable(value) == {"1": [1, 2], "s": [1, 3], "f": "1/2", "a": [0, 1], "n": 5}
 
 
-@needs_get_task
 def test_get_task_resolves_file_paths(tmp_path):
     from poise_probe.tasks import get_task
 

@@ -13,7 +13,7 @@ import pytest
 from poise_probe.config import load_config
 from poise_probe.rundir import RunReader
 from poise_probe.tracking import INSTALL_HINT, open_tracker, scalar_metrics
-from test_trainer import tiny_overrides  # registers the test tasks too
+from run_helpers import tiny_overrides  # registers the test tasks too
 
 
 @pytest.fixture(autouse=True)

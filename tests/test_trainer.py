@@ -15,55 +15,9 @@ import torch
 
 from poise_probe.config import load_config
 from poise_probe.rundir import RunReader
-from poise_probe.tasks import TASKS, register_task
-from poise_probe.tasks.builtin import ArithTask
+from run_helpers import run, tiny_overrides
 
 STAGES = ("gen", "reward", "old_log_prob", "probe", "adv", "update", "sync")
-
-
-class ParityTask(ArithTask):
-    """Arithmetic prompts with a reward a random policy earns half the time (even length).
-
-    A real verifier of a synthetic property, so that a random-initialised model gets mixed
-    rewards and non-zero advantages.
-    """
-
-    name = "test_parity"
-
-    def score(self, completion, example):
-        return float(len(completion) % 2 == 0)
-
-
-class NanTask(ArithTask):
-    name = "test_nan"
-
-    def score(self, completion, example):
-        return float("nan")
-
-
-for _cls in (ParityTask, NanTask):
-    if _cls.name not in TASKS:
-        register_task(_cls.name)(_cls)
-
-
-def tiny_overrides(model_dir, **extra) -> list[str]:
-    base = {
-        "model.path": str(model_dir), "data.tasks": "[test_parity]", "data.pool_size": 32,
-        "data.eval_n": 3, "data.eval_samples": 2, "data.eval_every": 0,
-        "rollout.prompts_per_step": 4, "rollout.num_generations": 2,
-        "rollout.max_completion_length": 12, "optim.lr": 1e-3, "optim.warmup_steps": 0,
-        "optim.mini_batch_prompts": 2, "optim.micro_batch_size": 3, "probe.layer": 0,
-        "probe.bootstrap_steps": 1, "probe.min_steps_to_fit": 1, "probe.snapshot_every": 1,
-        "probe.buffer_caps": "{all: 64}", "trainer.total_steps": 3, "trainer.save_every": 1,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def run(model_dir, out, **extra):
-    from poise_probe.trainer import train
-    cfg = load_config(None, tiny_overrides(model_dir, **extra))
-    return train(cfg, out)
 
 
 CONTRACT_KEYS = {"step", "reward/mean", "adv/var_reduction", "adv/identity_max_abs_err",
@@ -71,7 +25,7 @@ CONTRACT_KEYS = {"step", "reward/mean", "adv/var_reduction", "adv/identity_max_a
                  "actor/clip_frac"} | {f"timing_s/{s}" for s in STAGES}
 
 
-def test_poise_run_follows_the_contract_and_learns(tiny_model_dir, tmp_path):
+def test_poise_run_follows_the_contract_and_moves_the_parameters(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = run(tiny_model_dir, tmp_path / "run")
@@ -104,6 +58,43 @@ def test_poise_run_follows_the_contract_and_learns(tiny_model_dir, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def first_token_reward(model_dir, prompts: list[list[int]], task) -> float:
+    """Mean over `prompts` of P(first sampled token, at T = 1, earns `task`'s reward): the
+    expected reward of a first-character task, exact from one forward pass per prompt."""
+    from poise_probe.models import load_policy
+
+    model, tok = load_policy(model_dir)
+    earns = torch.tensor([task.score(tok.decode([i], skip_special_tokens=True), None)
+                          for i in range(model.config.vocab_size)])          # (V,)
+    with torch.no_grad():
+        probs = [torch.softmax(model(torch.tensor([p])).logits[0, -1].float(), -1)
+                 for p in prompts]                                           # P x (V,)
+    return float((torch.stack(probs) @ earns).mean())
+
+
+@pytest.mark.slow   # 8 steps each; test-fast keeps the 3-step contract and pinned-metric runs
+@pytest.mark.parametrize("task", ["test_even_start", "test_odd_start"])
+def test_poise_raises_the_expected_reward_it_is_trained_on(tiny_model_dir, tmp_path, task):
+    """8 POISE steps raise the policy's exact expected reward on its training prompts; the two
+    tasks reward opposite first characters, so a drift that ignores the reward fails one."""
+    from poise_probe.tasks import get_task
+
+    steps = 8
+    out = run(tiny_model_dir, tmp_path / task, **{
+        "data.tasks": f"[{task}]", "rollout.num_generations": 4,
+        "rollout.max_completion_length": 4, "optim.lr": 1e-2, "trainer.total_steps": steps,
+        "trainer.save_every": steps, "probe.snapshot_every": steps, "data.eval_n": 1,
+        "data.eval_samples": 1})
+    r = RunReader(out)
+    prompts = sorted({tuple(p) for s in r.rollout_steps() for p in r.rollouts(s).prompt_token_ids})
+    prompts = [list(p) for p in prompts]
+    scorer = get_task(task)
+    before = first_token_reward(tiny_model_dir, prompts, scorer)
+    after = first_token_reward(r.checkpoints()[-1][1] / "policy", prompts, scorer)
+    assert abs(before - 0.5) < 0.05, before            # the random policy earns about half
+    assert after > before + 0.1, f"expected reward {before:.3f} -> {after:.3f} in {steps} steps"
+
+
 @pytest.mark.parametrize("estimator, extra", [
     ("grpo", {"rollout.num_generations": 4}),
     ("dr_grpo", {"rollout.num_generations": 4}),
@@ -122,12 +113,23 @@ def test_every_estimator_runs_on_the_same_code_path(tiny_model_dir, tmp_path, es
         assert CONTRACT_KEYS <= set(m)
         assert m["probe/used_frac"] == 0.0          # the shadow probe never sets baselines
     if estimator == "dapo":
-        assert all("batch/groups_dropped" in m for m in steps)
-        for step in r.rollout_steps():
-            t = r.rollouts(step)
-            spread = t.groupby("group_id").reward.agg(lambda x: x.max() - x.min())
-            if steps[step - 1]["batch/gen_rounds"] < 3:   # refilled in time: no flat groups
-                assert (spread > 0).all()
+        want, max_rounds, k = 4, 3, 4   # prompts_per_step, max_gen_rounds (default), K
+        for m in steps:
+            rounds, kept, dropped = (m["batch/gen_rounds"], m["batch/prompts"],
+                                     m["batch/groups_dropped"])
+            assert 1 <= rounds <= max_rounds and 1 <= kept <= want
+            assert m["batch/prompts_sampled"] == want * rounds >= kept + dropped
+            # a refill round follows a round that dropped a flat group, and the batch is short
+            # only when the rounds ran out
+            assert dropped >= rounds - 1
+            assert kept == want or rounds == max_rounds
+            # flat groups are counted and left out, whether or not the refill filled the batch
+            t = r.rollouts(m["step"])
+            assert len(t) == kept * k
+            spread = t.groupby("group_id").score.agg(lambda x: x.max() - x.min())
+            assert len(spread) == kept and (spread > 0).all()
+        assert sum(m["batch/groups_dropped"] for m in steps) > 0, \
+            "this seed drops no group: the refill above went untested; pick a seed that does"
 
 
 def test_probe_never_sees_the_batch_before_its_baselines(tiny_model_dir, tmp_path, monkeypatch):
@@ -179,8 +181,8 @@ def test_new_run_refuses_an_existing_run_dir(tiny_model_dir, tmp_path):
         run(tiny_model_dir, tmp_path / "r", **{"trainer.total_steps": 1})
 
 
-# `poise train` in a fresh process that also registers this file's test tasks
-_RUNNER = ("import sys; sys.path.insert(0, {d!r}); import test_trainer; "
+# `poise train` in a fresh process that also registers the test tasks (run_helpers)
+_RUNNER = ("import sys; sys.path.insert(0, {d!r}); import run_helpers; "
            "from poise_probe.cli import main; raise SystemExit(main(sys.argv[1:]))")
 
 

@@ -215,6 +215,40 @@ class CaptureDataset:
         self._cache: dict[str, np.ndarray] = {}
         self._index: pd.DataFrame | None = None
 
+    @classmethod
+    def from_arrays(cls, index: pd.DataFrame, tensors: Mapping[str, np.ndarray], *,
+                    layers: Sequence[int], poolings: Sequence[str],
+                    hidden_size: int) -> CaptureDataset:
+        """A capture held in memory (synthetic studies, tests), read like one on disk.
+
+        `index` has one row per rollout (the columns `index` has on disk that the reader
+        uses); `tensors` what the shards would hold: `tensor_name(layer, pooling)` (n, d) for
+        every layer and pooling, "entropy_stats" (n, 3) and "seq_stats" (n, 5).
+        """
+        n = len(index)
+        widths = {tensor_name(layer, pooling): hidden_size for layer in layers
+                  for pooling in poolings}
+        widths.update(entropy_stats=3, seq_stats=5)
+        for key, width in widths.items():
+            if key not in tensors:
+                raise DatasetError(f"in-memory capture lacks the tensor {key!r}; pass an "
+                                   f"(n, {width}) array for every layer and pooling, plus "
+                                   f"'entropy_stats' and 'seq_stats'.")
+            if np.shape(tensors[key]) != (n, width):
+                raise DatasetError(f"in-memory tensor {key!r} has shape "
+                                   f"{np.shape(tensors[key])}; expected ({n}, {width}): one row "
+                                   f"per index row, hidden_size={hidden_size} columns.")
+        ds = cls.__new__(cls)
+        ds.path = Path(":memory:")
+        ds.layers, ds.poolings = [int(x) for x in layers], list(poolings)
+        ds.hidden_size, ds.n_rows, ds.shards = int(hidden_size), n, []
+        ds.manifest = {"kind": MANIFEST_KIND, "schema_version": SCHEMA_VERSION,
+                       "layers": ds.layers, "poolings": ds.poolings, "hidden_size": ds.hidden_size,
+                       "n_rows": n, "complete": True, "source": {"kind": "memory"}}
+        ds._cache = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
+        ds._index = index
+        return ds
+
     def __len__(self) -> int:
         return len(self.index)
 

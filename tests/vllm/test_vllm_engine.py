@@ -167,15 +167,17 @@ def test_sleep_and_wake_are_no_ops_on_cpu(engine, policy):
 
 @pytest.mark.slow
 def test_trainer_rng_and_threads_survive_the_engine(engine, policy):
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)      # not the 1 the engine uses inside generate (conftest sets 1)
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
     engine.generate(_prompts(policy[1], 2), 2, SamplingSettings(max_new_tokens=8), 0)
     assert torch.equal(torch.rand(3), expected)           # generate leaves the global RNG be
     assert STARTUP["rng_kept"]                            # and so does the engine's start-up
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    assert torch.get_num_threads() == 1                   # set_num_threads works again
+    assert torch.get_num_threads() == 2                   # the trainer's thread count is back
+    torch.set_num_threads(3)
+    assert torch.get_num_threads() == 3                   # set_num_threads works again
     torch.set_num_threads(n)
 
 
