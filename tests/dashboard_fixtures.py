@@ -26,11 +26,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "dashboard.py"
@@ -232,10 +237,12 @@ def free_port() -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# a real server and a real browser (headless Chromium over the DevTools protocol)
+# a real server and a real browser (headless Debian chromium, driven by Playwright)
 
 
 def chromium_path() -> str | None:
+    """The system's chromium, which Playwright drives (Playwright's own browser builds are not
+    installed: there may be no network to fetch them)."""
     for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
         found = shutil.which(name)
         if found:
@@ -296,187 +303,84 @@ class StreamlitServer:
         self.close()
 
 
-class Browser:
-    """Headless Chromium driven through the DevTools protocol (one tab); always killed on close."""
+@contextlib.contextmanager
+def open_page(width: int = 1440, height: int = 1800, timeout: float = 30,
+              js_errors: list[str] | None = None) -> Iterator[Page]:
+    """One page in headless chromium under Playwright; closed, browser and driver, on exit.
+    Uncaught JS errors of the page are appended to `js_errors` when it is given."""
+    from playwright.sync_api import sync_playwright
 
-    def __init__(self, width: int = 1440, height: int = 1800, timeout: float = 30):
-        import tempfile
-
-        exe = chromium_path()
-        if exe is None:
-            raise FileNotFoundError("chromium is not installed (apt-get install chromium)")
-        self.profile = tempfile.mkdtemp(prefix="poise-chromium-")
-        self.width, self.height = width, height
-        self.proc = subprocess.Popen(
-            [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--no-default-browser-check", "--hide-scrollbars",
-             "--remote-debugging-port=0", "--remote-allow-origins=*",
-             f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
-             "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        self._id = 0
-        self._stack = contextlib.ExitStack()
-        self.js_errors: list[str] = []
+    exe = chromium_path()
+    if exe is None:
+        raise FileNotFoundError("chromium is not installed (apt-get install chromium)")
+    with sync_playwright() as pw:
+        # containers: no user namespaces for chromium's sandbox, a small /dev/shm
+        browser = pw.chromium.launch(executable_path=exe, headless=True,
+                                     args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
-            self._connect(timeout)
-        except BaseException:
-            self.close()
-            raise
-
-    def _connect(self, timeout: float) -> None:
-        import urllib.request
-
-        from websockets.sync.client import connect
-
-        port_file = Path(self.profile, "DevToolsActivePort")
-        deadline = time.time() + timeout
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("chromium did not start its DevTools endpoint")
-            time.sleep(0.05)
-        port = int(port_file.read_text().split()[0])
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list",
-                                            timeout=2) as r:
-                    targets = json.loads(r.read())
-                page = next(t for t in targets if t.get("type") == "page")
-                break
-            except (OSError, StopIteration):
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.1)
-        self.ws = self._stack.enter_context(
-            connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=timeout))
-        self.send("Page.enable")
-        self.send("Runtime.enable")
-        self.send("Emulation.setDeviceMetricsOverride",
-                  width=self.width, height=self.height, deviceScaleFactor=1, mobile=False)
-
-    def send(self, method: str, timeout: float = 30, **params):
-        self._id += 1
-        me = self._id
-        self.ws.send(json.dumps({"id": me, "method": method, "params": params}))
-        deadline = time.time() + timeout
-        while True:
-            left = deadline - time.time()
-            if left <= 0:
-                raise TimeoutError(f"no answer to {method} within {timeout} s")
-            msg = json.loads(self.ws.recv(timeout=left))
-            if msg.get("id") == me:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
-            if msg.get("method") == "Runtime.exceptionThrown":
-                self.js_errors.append(msg["params"]["exceptionDetails"].get("text", ""))
-
-    def goto(self, url: str) -> None:
-        self.send("Page.navigate", url=url)
-
-    def click(self, x: float, y: float) -> None:
-        """A left mouse click at page coordinates (x, y), as a user's (canvas grids need it)."""
-        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left",
-                      clickCount=0 if kind == "mouseMoved" else 1)
-
-    def eval(self, expression: str):
-        res = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
-        if "exceptionDetails" in res:
-            raise RuntimeError(f"{expression[:80]}: {res['exceptionDetails']}")
-        return res.get("result", {}).get("value")
-
-    def wait_until(self, expression: str, timeout: float = 30, poll: float = 0.25):
-        """Poll a JS expression until truthy; returns its value or raises TimeoutError."""
-        deadline = time.time() + timeout
-        last = None
-        while time.time() < deadline:
-            try:
-                last = self.eval(expression)
-            except RuntimeError:
-                last = None
-            if last:
-                return last
-            time.sleep(poll)
-        raise TimeoutError(f"waited {timeout} s for {expression[:120]}; last value {last!r}")
-
-    def screenshot(self, path: Path, full_height: int | None = None) -> Path:
-        import base64
-
-        height = full_height or self.height
-        # As a mouse user sees the page: Plotly shows its toolbar only on hover, but keeps it
-        # on where the browser reports no hover capability (headless).
-        self.eval("""(() => { const s = document.createElement('style');
-            s.textContent = '.modebar-container { display: none !important; }';
-            document.head.appendChild(s); return true; })()""")
-        self.send("Emulation.setDeviceMetricsOverride", width=self.width, height=height,
-                  deviceScaleFactor=1, mobile=False)
-        time.sleep(0.5)  # let the charts re-layout to the new size
-        data = self.send("Page.captureScreenshot", format="png", timeout=60)["data"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(data))
-        return path
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._stack.close()
-        if self.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        shutil.rmtree(self.profile, ignore_errors=True)
-
-    def __enter__(self) -> Browser:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(timeout * 1000)
+            if js_errors is not None:
+                page.on("pageerror", lambda err: js_errors.append(str(err)))
+            yield page
+        finally:
+            browser.close()
 
 
-#: JS: the page's state once Streamlit has finished rendering it.
-PAGE_STATE_JS = """(() => {
-  const q = s => document.querySelectorAll(s).length;
-  const running = !!document.querySelector('[data-testid="stStatusWidget"]') &&
-      /running|connecting/i.test(
-          document.querySelector('[data-testid="stStatusWidget"]').innerText || '');
-  return JSON.stringify({
-    app: q('[data-testid="stApp"]'), main: q('[data-testid="stMain"]'),
-    running: running,
-    skeleton: q('[data-testid="stSkeleton"]'),
-    exceptions: q('[data-testid="stException"]'),
-    exceptionText: Array.from(document.querySelectorAll('[data-testid="stException"]'))
-        .map(e => e.innerText.slice(0, 2000)),
-    charts: q('[data-testid="stPlotlyChart"]'),
-    plots: q('.js-plotly-plot'),
-    rendered: q('.js-plotly-plot .main-svg'),
-    dataframes: q('[data-testid="stDataFrame"]'),
-    title: (document.querySelector('h1') || {}).innerText || '',
-    height: (document.querySelector('[data-testid="stMainBlockContainer"]') || document.body)
-        .scrollHeight,
-  });
-})()"""
+def page_state(page: Page) -> dict:
+    """What the dashboard page shows now: exceptions (and their text), charts, tables, title."""
+    exceptions = page.get_by_test_id("stException")
+    main = page.get_by_test_id("stMainBlockContainer")
+    return {
+        "exceptions": exceptions.count(),
+        "exceptionText": [t[:2000] for t in exceptions.all_inner_texts()],
+        "charts": page.get_by_test_id("stPlotlyChart").count(),
+        "plots": page.locator(".js-plotly-plot").count(),
+        "dataframes": page.get_by_test_id("stDataFrame").count(),
+        "title": next(iter(page.locator("h1").all_inner_texts()), ""),
+        "height": main.evaluate("e => e.scrollHeight") if main.count() else 0,
+    }
 
 
-def wait_rendered(browser: Browser, min_charts: int = 0, timeout: float = 60,
-                  settle: float = 1.5) -> dict:
-    """Wait until the page has run, its charts are drawn and nothing changed for `settle` s."""
-    deadline = time.time() + timeout
-    last, since = None, time.time()
-    while time.time() < deadline:
-        try:
-            state = json.loads(browser.eval(PAGE_STATE_JS))
-        except (RuntimeError, TypeError, ValueError):
-            state = None
-        if state and state["exceptions"]:
-            return state
-        ready = (state and state["main"] and not state["running"] and not state["skeleton"]
-                 and state["charts"] >= min_charts and state["rendered"] >= min_charts)
-        key = json.dumps({k: v for k, v in (state or {}).items() if k != "height"})
-        if key != last:
-            last, since = key, time.time()
-        elif ready and time.time() - since >= settle:
-            return state
-        time.sleep(0.25)
-    raise TimeoutError(f"page not rendered within {timeout} s; last state {last}")
+def wait_rendered(page: Page, min_charts: int = 0, timeout: float = 60) -> dict:
+    """Wait until Streamlit has run the page and drawn `min_charts` Plotly charts (or shown an
+    exception); then the page's state (see `page_state`)."""
+    from playwright.sync_api import expect
+
+    ms = timeout * 1000
+    # the attributes Streamlit's own end-to-end tests wait on (stApp's connection and script
+    # state): once the script has stopped, every element it sent is in the page
+    app = page.get_by_test_id("stApp")
+    expect(app).to_have_attribute("data-test-connection-state", "CONNECTED", timeout=ms)
+    expect(app).to_have_attribute("data-test-script-state", "notRunning", timeout=ms)
+    expect(page.get_by_test_id("stSkeleton")).to_have_count(0, timeout=ms)
+    if page.get_by_test_id("stException").count():
+        return page_state(page)
+    charts = page.get_by_test_id("stPlotlyChart")
+    if min_charts:
+        charts.nth(min_charts - 1).wait_for(state="attached", timeout=ms)
+    # Plotly draws after the script has ended (its code loads lazily): wait for every SVG
+    expect(charts.filter(has_not=page.locator(".main-svg"))).to_have_count(0, timeout=ms)
+    return page_state(page)
+
+
+def screenshot(page: Page, path: Path, full_height: int | None = None) -> Path:
+    """A PNG of the page, `full_height` pixels tall (the app scrolls inside its own container,
+    so Playwright's full_page cannot reach below the window: the window grows instead)."""
+    size = page.viewport_size
+    if full_height:
+        page.set_viewport_size({"width": size["width"], "height": full_height})
+        # two animation frames: the page has laid itself out (and painted) at the new size
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => "
+                      "requestAnimationFrame(r)))")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # As a mouse user sees the page: Plotly shows its toolbar only on hover, but keeps it on
+    # where the browser reports no hover capability (headless).
+    page.screenshot(path=path, animations="disabled", timeout=60_000,
+                    style=".modebar-container { display: none !important; }")
+    if full_height:
+        page.set_viewport_size(size)
+    return path
 
 
 SHOT_PAGES = ("runs", "training", "training-all", "probe", "rollouts", "studies")
@@ -487,17 +391,17 @@ def screenshots(out: Path, paths: list[Path], width: int = 1500) -> list[Path]:
     show), saved as out/dashboard-<page>.png."""
     focus = Path(paths[0]).resolve().name
     saved = []
-    with StreamlitServer(paths) as server, Browser(width=width, height=1000) as browser:
-        for page in SHOT_PAGES:
-            path = {"runs": "/", "training-all": "/training?tab=all"}.get(page, f"/{page}")
-            if page in ("probe", "rollouts"):
+    with StreamlitServer(paths) as server, open_page(width=width, height=1000) as page:
+        for name in SHOT_PAGES:
+            path = {"runs": "/", "training-all": "/training?tab=all"}.get(name, f"/{name}")
+            if name in ("probe", "rollouts"):
                 path += f"?focus={focus}"
-            browser.goto(server.url + path)
-            state = wait_rendered(browser, timeout=120)
+            page.goto(server.url + path)
+            state = wait_rendered(page, timeout=120)
             if state["exceptions"]:
-                raise RuntimeError(f"{page}: {state['exceptionText']}")
-            saved.append(browser.screenshot(out / f"dashboard-{page}.png",
-                                            full_height=min(state["height"] + 120, 7000)))
+                raise RuntimeError(f"{name}: {state['exceptionText']}")
+            saved.append(screenshot(page, out / f"dashboard-{name}.png",
+                                    full_height=min(state["height"] + 120, 7000)))
     return saved
 
 

@@ -337,19 +337,17 @@ def test_rollouts_page_in_chromium_draws_one_span_per_bpe_token(bpe_run, tmp_pat
     want = {p for ps in rows["token_pieces"] for p in ps if len(p) > 1 and p not in tokens.TAGS
             and p.strip() == p and "\ufffd" not in p}
     query = f"/rollouts?focus=bpe&steps={step}-{step}&group={step}:{gid}"
-    with fx.StreamlitServer([bpe_run]) as server, fx.Browser() as browser:
-        browser.goto(server.url + query)
-        state = fx.wait_rendered(browser, min_charts=1, timeout=90)
+    with fx.StreamlitServer([bpe_run]) as server, fx.open_page() as page:
+        page.goto(server.url + query)
+        state = fx.wait_rendered(page, min_charts=1, timeout=90)
         assert state["exceptions"] == 0, (state["exceptionText"], server.log.read_text()[-3000:])
-        found = json.loads(browser.eval("""JSON.stringify((() => {
-            const toks = Array.from(document.querySelectorAll('[data-tok]'));
-            return {texts: toks.map(t => t.innerText),
-                    think: document.querySelectorAll('[data-span=think] [data-tok]').length,
-                    answer: document.querySelectorAll('[data-span=answer] [data-tok]').length,
-                    labels: Array.from(document.querySelectorAll('[data-span] > sup'))
-                        .map(s => s.innerText)};
-        })())"""))
-        browser.screenshot(tmp_path / "rollouts-bpe.png", full_height=min(state["height"], 6000))
+        toks = page.locator("[data-tok]")
+        toks.first.wait_for(state="attached")
+        found = {"texts": toks.all_inner_texts(),
+                 "think": page.locator("[data-span=think] [data-tok]").count(),
+                 "answer": page.locator("[data-span=answer] [data-tok]").count(),
+                 "labels": page.locator("[data-span] > sup").all_inner_texts()}
+        fx.screenshot(page, tmp_path / "rollouts-bpe.png", full_height=min(state["height"], 6000))
     assert set(found["texts"]) & want, (want, found["texts"][:40])   # a BPE piece, one span
     assert found["think"] > 0 and found["answer"] > 0
     assert {"think", "answer"} <= set(found["labels"])

@@ -1,5 +1,5 @@
 """The dashboard in a real browser: `streamlit run` on localhost, every page opened in headless
-Chromium (driven over the DevTools protocol), no exception box, the expected Plotly charts drawn;
+Chromium (driven by Playwright), no exception box, the expected Plotly charts drawn;
 screenshots saved. A live run's new metrics line appears without reloading the page.
 
 Needs Debian's `chromium` (CI installs it in .ci/run); skipped, saying so, where it is absent.
@@ -7,11 +7,13 @@ Needs Debian's `chromium` (CI installs it in .ci/run); skipped, saying so, where
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
 import dashboard_fixtures as fx
 import pytest
+from playwright.sync_api import Locator, expect
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,85 +46,114 @@ def shots_dir(tmp_path) -> Path:
 
 
 def test_every_page_in_headless_chromium(runs, shots_dir):
-    with fx.StreamlitServer([runs["root"]]) as server, fx.Browser() as browser:
-        for page, (path, min_charts, title) in PAGES.items():
-            browser.goto(server.url + path)
-            state = fx.wait_rendered(browser, min_charts=min_charts, timeout=90)
-            shot = browser.screenshot(shots_dir / f"dashboard-{page}.png",
-                                      full_height=min(state["height"] + 200, 8000))
-            assert state["exceptions"] == 0, (page, state["exceptionText"],
+    js_errors: list[str] = []
+    with fx.StreamlitServer([runs["root"]]) as server, fx.open_page(js_errors=js_errors) as page:
+        for name, (path, min_charts, title) in PAGES.items():
+            page.goto(server.url + path)
+            state = fx.wait_rendered(page, min_charts=min_charts, timeout=90)
+            assert state["exceptions"] == 0, (name, state["exceptionText"],
                                               server.log.read_text()[-3000:])
-            assert title in state["title"], (page, state["title"])
-            assert state["charts"] >= min_charts and state["plots"] >= min_charts, (page, state)
-            if page in ("runs", "rollouts", "studies"):
-                assert state["dataframes"] >= 1, (page, state)
+            expect(page.locator("h1").first).to_contain_text(title)
+            if name in ("runs", "rollouts", "studies"):
+                expect(page.get_by_test_id("stDataFrame").first).to_be_attached()
+            state = fx.page_state(page)
+            shot = fx.screenshot(page, shots_dir / f"dashboard-{name}.png",
+                                 full_height=min(state["height"] + 200, 8000))
+            assert state["charts"] >= min_charts and state["plots"] >= min_charts, (name, state)
             assert shot.stat().st_size > 10_000
-        assert not browser.js_errors, browser.js_errors
+        assert not js_errors, js_errors
     assert "Traceback" not in server.log.read_text()
+
+
+#: JS: the longest trace of the reward chart (looked up afresh: a redraw may replace its div)
+REWARD_POINTS_JS = """() => {
+  const p = Array.from(document.querySelectorAll('.js-plotly-plot'))
+      .find(e => String(e.layout?.title?.text ?? '').includes('reward (mean'));
+  // Plotly keeps typed arrays as {bdata, _inputArray}
+  return p ? Math.max(...p.data.map(t => ((t.x || {})._inputArray || t.x || []).length)) : 0;
+}"""
 
 
 def test_live_run_updates_in_place(runs, tmp_path):
     live = fx.copy_run(runs["poise"], tmp_path / "live")
     fx.mark_running(live)              # this test process is its (alive) writer
-    with fx.StreamlitServer([live], refresh=1) as server, fx.Browser() as browser:
-        browser.goto(server.url + "/training")
-        fx.wait_rendered(browser, min_charts=6, timeout=90)
-        points = ("(() => { const p = Array.from(document.querySelectorAll('.js-plotly-plot'))"
-                  ".find(e => ((e.layout.title || {}).text || '').includes('reward (mean'));"
-                  " return Math.max(...p.data.map(t => ((t.x || {})._inputArray || t.x || [])"
-                  ".length)); })()")   # Plotly keeps typed arrays as {bdata, _inputArray}
-        before = browser.eval(points)
-        browser.eval("window.__marker = 'same page'")     # survives only without a reload
+    with fx.StreamlitServer([live], refresh=1) as server, fx.open_page() as page:
+        page.goto(server.url + "/training")
+        fx.wait_rendered(page, min_charts=6, timeout=90)
+
+        def wait_points(more_than: int) -> None:
+            page.wait_for_function(f"n => ({REWARD_POINTS_JS})() > n", arg=more_than,
+                                   polling=250, timeout=30_000)
+
+        before = page.evaluate(REWARD_POINTS_JS)
+        assert before > 0
+        page.evaluate("window.__marker = 'same page'")     # survives only without a reload
         fx.append_metrics_step(live, 4, **{"reward/mean": 0.5, "tokens/generated": 50})
-        browser.wait_until(f"{points} > {before}", timeout=30)
-        assert browser.eval("window.__marker") == "same page"
+        wait_points(before)
+        assert page.evaluate("window.__marker") == "same page"
         # a half-written line: a warning, never an error, and the line counts once complete
         fx.tear_last_line(live, '{"step": 5, "reward/mean": 0.')
-        browser.wait_until("document.body.innerText.includes('incomplete line')", timeout=30)
-        assert browser.eval("document.querySelectorAll('[data-testid=stException]').length") == 0
+        expect(page.get_by_text("incomplete line").first).to_be_visible(timeout=30_000)
+        expect(page.get_by_test_id("stException")).to_have_count(0)
         with open(live / "metrics.jsonl", "ab") as f:
             f.write(f'25, "time": {time.time()}}}\n'.encode())
-        browser.wait_until(f"{points} > {before + 1}", timeout=30)
+        wait_points(before + 1)
 
 
-BUTTON_JS = ("Array.from(document.querySelectorAll('button'))"
-             ".find(b => b.innerText.includes('Compare ticked'))")
-SIDEBAR_TAGS_JS = ("Array.from(document.querySelectorAll('[data-testid=stSidebar] [data-tag] "
-                   "span[title]')).map(t => t.title)")
+def tick_row(grid: Locator, run: str) -> None:
+    """Tick the row of `run` in a Streamlit dataframe's grid, as a keyboard user does.
+
+    The grid (glide-data-grid) draws its cells on a canvas; the same cells also sit in an
+    accessible role=grid table inside the canvas, never rendered (hence include_hidden), which
+    the grid keeps in step with its selection. Focusing such a cell moves the grid's cursor
+    there, and Shift+Space is the grid's "select row" key (it adds to a multi-row selection):
+    no clicks at pixel offsets that depend on row heights and column widths.
+    """
+    row = grid.get_by_role("row", include_hidden=True).filter(
+        has=grid.page.locator('[role=gridcell][aria-colindex="2"]',   # the "run" column
+                              has_text=re.compile(f"^{re.escape(run)}$")))
+    cell = row.get_by_role("gridcell", include_hidden=True).first
+    cell.focus()
+    expect(cell).to_have_attribute("aria-selected", "true")     # the cursor is on it
+    cell.press("Shift+Space")
+    expect(row).to_have_attribute("aria-selected", "true")
 
 
 def test_tick_runs_in_the_table_and_compare_them(runs):
     """Runs page: tick two rows of the (canvas) table, press *Compare ticked*: the sidebar now
     selects exactly those two runs, and the Training page overlays them."""
-    with fx.StreamlitServer([runs["root"] / "runs"]) as server, fx.Browser() as browser:
-        browser.goto(server.url + "/")
-        fx.wait_rendered(browser, timeout=90)
-        assert len(browser.eval(SIDEBAR_TAGS_JS)) == 4         # every run selected at first
-        assert browser.eval(f"{BUTTON_JS}.disabled") is True
-        left, top = browser.eval("(() => { const r = document.querySelector("
-                                 "'[data-testid=stDataFrame]').getBoundingClientRect();"
-                                 " return [r.left, r.top]; })()")
-        for row in (1, 2):           # rows sorted by label: crashed, grpo, poise, torn
-            browser.click(left + 18, top + 35 + 17 + 35 * row)
-            time.sleep(0.5)
-        browser.wait_until(f"{BUTTON_JS} && !{BUTTON_JS}.disabled", timeout=30)
-        browser.eval(f"{BUTTON_JS}.click()")
-        browser.wait_until(f"{SIDEBAR_TAGS_JS}.length === 2", timeout=30)
-        assert sorted(browser.eval(SIDEBAR_TAGS_JS)) == ["grpo", "poise"]
-        browser.eval("document.querySelector('[data-testid=stSidebarNav] a[href$=\"/training\"]')"
-                     ".click()")
-        state = fx.wait_rendered(browser, min_charts=6, timeout=90)
+    with fx.StreamlitServer([runs["root"] / "runs"]) as server, fx.open_page() as page:
+        page.goto(server.url + "/")
+        fx.wait_rendered(page, timeout=90)
+        sidebar_runs = page.get_by_test_id("stSidebar").locator("[data-tag] span[title]")
+        expect(sidebar_runs).to_have_count(4)                   # every run selected at first
+        compare = page.get_by_role("button", name="Compare ticked")
+        expect(compare).to_be_disabled()
+        table = page.get_by_test_id("stDataFrame").first
+        grid = table.get_by_role("grid", include_hidden=True)
+        # the grid's first focus puts its cursor on the top-left cell, over the cell focused:
+        # take that focus first
+        table.get_by_test_id("data-grid-canvas").focus()
+        for run in ("grpo", "poise"):
+            tick_row(grid, run)
+        expect(compare).to_be_enabled()
+        compare.click()
+        expect(sidebar_runs).to_have_count(2)
+        assert sorted(t.get_attribute("title") for t in sidebar_runs.all()) == ["grpo", "poise"]
+        page.get_by_test_id("stSidebarNav").locator('a[href$="/training"]').click()
+        page.wait_for_url("**/training*")
+        expect(page.locator("h1").first).to_contain_text("Training")
+        state = fx.wait_rendered(page, min_charts=6, timeout=90)
         assert state["exceptions"] == 0, state["exceptionText"]
-        legend = browser.eval("document.querySelector('[data-testid=stMain]').innerText")
+        legend = page.get_by_test_id("stMain").inner_text()
         assert "grpo" in legend and "poise" in legend and "crashed" not in legend
         # a tab runs only when opened: the Probe tab's charts appear on a click
-        brier = ("Array.from(document.querySelectorAll('.js-plotly-plot')).some(p => "
-                 "((p.layout.title || {}).text || '').includes('probe Brier skill'))")
-        assert browser.eval(brier) is False
-        browser.eval("Array.from(document.querySelectorAll('[role=tab]'))"
-                     ".find(t => t.innerText.trim() === 'Probe').click()")
-        browser.wait_until(brier, timeout=30)
-        assert "tab=probe" in browser.eval("location.search")
+        brier = page.locator(".js-plotly-plot").filter(
+            has=page.locator(".gtitle", has_text="probe Brier skill"))
+        expect(brier).to_have_count(0)
+        page.get_by_role("tab", name="Probe", exact=True).click()
+        expect(brier.first).to_be_attached(timeout=30_000)
+        expect(page).to_have_url(re.compile(r"[?&]tab=probe"))
 
 
 def test_the_poise_dashboard_command_serves_every_page(runs):
@@ -150,13 +181,13 @@ def test_the_poise_dashboard_command_serves_every_page(runs):
                 assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
                 assert time.time() < deadline, "poise dashboard did not start in 60 s"
                 time.sleep(0.25)
-        with fx.Browser() as browser:
+        with fx.open_page() as page:
             for path, charts in (("/", 0), ("/training", 6), ("/probe", 7), ("/rollouts", 2)):
-                browser.goto(url + path)
-                state = fx.wait_rendered(browser, min_charts=charts, timeout=90)
+                page.goto(url + path)
+                state = fx.wait_rendered(page, min_charts=charts, timeout=90)
                 assert state["exceptions"] == 0, (path, state["exceptionText"])
                 assert state["charts"] >= charts, (path, state)
-            assert "poise" in browser.eval("document.body.innerText")
+            assert "poise" in page.locator("body").inner_text()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
