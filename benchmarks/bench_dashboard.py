@@ -192,39 +192,39 @@ def time_browser(run_dir: Path, repeat: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {k: [] for k in ("peer", "peer 27", "direct", "direct all", "runs",
                                                    "navigate")}
 
-    def timed(browser, url: str | None, condition: str, click: str | None = None) -> float:
+    def timed(page, url: str | None, condition: str, click: str | None = None) -> float:
+        """Seconds from opening `url` (or clicking the `click` selector) until the JS
+        `condition` holds, polled every 50 ms."""
         if url is not None:
-            browser.goto("about:blank")
+            page.goto("about:blank")
             time.sleep(0.3)
         t = time.perf_counter()
         if url is not None:
-            browser.goto(url)
+            page.goto(url, wait_until="commit")
         else:
-            browser.eval(click)
-        browser.wait_until(condition, timeout=120, poll=0.05)
+            page.locator(click).click()
+        page.wait_for_function(condition, polling=50, timeout=120_000)
         return time.perf_counter() - t
 
     with tempfile.TemporaryDirectory() as tmp:
         peer = Path(tmp, "peer.py")
         peer.write_text(PEER_APP)
         for key, n in (("peer", 1), ("peer 27", 27)):
-            with fx.StreamlitServer([str(n)], app=peer) as server, fx.Browser() as browser:
+            with fx.StreamlitServer([str(n)], app=peer) as server, fx.open_page() as page:
                 drawn = ("(() => Array.from(document.querySelectorAll('.js-plotly-plot'))"
                          f".filter(e => e.querySelector('.main-svg')).length >= {n})()")
                 for i in range(repeat + 1):      # the first load fills the browser's cache
-                    seconds = timed(browser, server.url, drawn)
+                    seconds = timed(page, server.url, drawn)
                     if i:
                         out[key].append(seconds)
-    with fx.StreamlitServer([run_dir]) as server, fx.Browser() as browser:
+    with fx.StreamlitServer([run_dir]) as server, fx.open_page() as page:
         for i in range(repeat + 1):
-            times = {"direct": timed(browser, f"{server.url}/training", OVERVIEW_DRAWN),
-                     "direct all": timed(browser, f"{server.url}/training?tab=all", ALL_DRAWN),
-                     "runs": timed(browser, f"{server.url}/", TABLE_DRAWN)}
+            times = {"direct": timed(page, f"{server.url}/training", OVERVIEW_DRAWN),
+                     "direct all": timed(page, f"{server.url}/training?tab=all", ALL_DRAWN),
+                     "runs": timed(page, f"{server.url}/", TABLE_DRAWN)}
             time.sleep(1.0)
-            times["navigate"] = timed(
-                browser, None, OVERVIEW_DRAWN,
-                click="document.querySelector('[data-testid=stSidebarNav] a[href$=\"/training\"]')"
-                      ".click()")
+            times["navigate"] = timed(page, None, OVERVIEW_DRAWN,
+                                      click='[data-testid=stSidebarNav] a[href$="/training"]')
             if i:
                 for k, v in times.items():
                     out[k].append(v)
