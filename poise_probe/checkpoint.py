@@ -3,7 +3,8 @@
 Layout of `checkpoints/step_XXXXXX/` (committed whole by `RunWriter.checkpoint`):
   policy/               the policy in `save_pretrained` form (safetensors) with its tokenizer,
                         so a checkpoint is also a loadable model
-  trainer_state.pt      optimizer, scheduler, prompt-stream position, RNG states, step
+  trainer_state.pt      optimizer, scheduler, prompt-stream position, RNG states, step, and
+                        the state of a stateful estimator (critic, Numca table) if any
   probe_bank.safetensors  the probe bank's buffers and fitted probes
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ def save_checkpoint(writer: RunWriter, state: TrainState, tokenizer) -> Path:
     with writer.checkpoint(state.step) as d:
         state.model.save_pretrained(d / "policy", safe_serialization=True)
         tokenizer.save_pretrained(d / "policy")
-        torch.save({k: sd[k] for k in ("optimizer", "scheduler", "data", "rng", "step")},
+        torch.save({k: sd[k] for k in ("optimizer", "scheduler", "data", "rng", "step",
+                                       "value_method")},
                    d / "trainer_state.pt")
         save_file(sd["probe_bank"], str(d / "probe_bank.safetensors"))
     return writer.run_dir / "checkpoints" / step_name(state.step)

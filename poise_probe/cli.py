@@ -202,7 +202,7 @@ def recipe_dir() -> Path | None:
 
 
 def _train_epilog() -> str:
-    from poise_probe.advantages import ADV_ESTIMATORS
+    from poise_probe.config import estimator_names
 
     folder = recipe_dir()
     names = sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
@@ -216,7 +216,7 @@ def _train_epilog() -> str:
         recipes = ("recipes: none here; they are not installed with the package, they live in "
                    "training/configs/ of a source checkout.")
     return (f"{recipes}\n\nadvantage estimators (algorithm.adv_estimator=NAME): "
-            f"{', '.join(sorted(ADV_ESTIMATORS))}.")
+            f"{', '.join(estimator_names())}.")
 
 
 def _add_config(sub) -> None:

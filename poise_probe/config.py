@@ -13,19 +13,16 @@ from typing import Any
 import yaml
 
 from poise_probe.config_docs import ALIASES
+from poise_probe.config_fields import choice as _choice
+from poise_probe.config_fields import nonneg as _nonneg
+from poise_probe.config_fields import opt
+from poise_probe.config_fields import positive as _positive
+from poise_probe.config_methods import CriticConfig, GroupConfig, HistaConfig, NumcaConfig
 from poise_probe.losses import AGG_MODES as LOSS_AGG_MODES  # one definition, the loss's
 from poise_probe.losses import KL_KINDS
 from poise_probe.tracking import SINK_NAMES
 
 ROLLOUT_ENGINES = ("hf", "vllm")
-
-
-def opt(default, help: str, *, factory: bool = False):
-    """A config field with its one-line help (shown by `poise config show` and docs/config.md);
-    `factory=True` when `default` is a callable making a mutable default."""
-    if factory:
-        return field(default_factory=default, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -120,6 +117,15 @@ class RolloutConfig:
         return self.engine != "hf" if self.is_correction is None else self.is_correction
 
 
+def estimator_names() -> tuple[str, ...]:
+    """Every registered advantage estimator: the pure ones and the stateful value methods."""
+    from poise_probe import methods
+    from poise_probe.advantages import ADV_ESTIMATORS
+    from poise_probe.value_methods import VALUE_METHODS
+    del methods  # imported for its registrations
+    return tuple(sorted(set(ADV_ESTIMATORS) | set(VALUE_METHODS)))
+
+
 @dataclass
 class AlgorithmConfig:
     adv_estimator: str = opt(
@@ -145,8 +151,7 @@ class AlgorithmConfig:
     overlong_penalty_factor: float = opt(1.0, 'DAPO: the punishment at the limit')
 
     def __post_init__(self):
-        from poise_probe.advantages import ADV_ESTIMATORS
-        _choice("algorithm.adv_estimator", self.adv_estimator, tuple(sorted(ADV_ESTIMATORS)))
+        _choice("algorithm.adv_estimator", self.adv_estimator, estimator_names())
         _choice("algorithm.loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
         _choice("algorithm.kl_type", self.kl_type, KL_KINDS)
         if not (0 < self.epsilon < 1 and self.epsilon_high > 0):
@@ -248,6 +253,10 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    group: GroupConfig = field(default_factory=GroupConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    hista: HistaConfig = field(default_factory=HistaConfig)
+    numca: NumcaConfig = field(default_factory=NumcaConfig)
 
     def __post_init__(self):
         if self.algorithm.adv_estimator in ("poise", "rloo") and self.rollout.num_generations < 2:
@@ -461,18 +470,3 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         raise ValueError(f"config key {key} must be a string; got {value!r}.")
     return value
-
-
-def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ValueError(f"{key} must be one of {list(options)}; got {value!r}.")
-
-
-def _positive(key: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{key} must be >= 1; got {value}.")
-
-
-def _nonneg(key: str, value: float) -> None:
-    if value < 0:
-        raise ValueError(f"{key} must be >= 0; got {value}.")

@@ -264,18 +264,22 @@ class ForwardOutput:
     log_probs: Tensor             # (B, R) log pi(y_t | x, y_<t) with logits / temperature
     entropies: Tensor | None      # (B, R) full-vocabulary entropy (no grad), if asked
     features: Tensor | None       # (B, 2d + 3) float32, if a capture layer was given
+    hidden: list[Tensor] | None = None  # per row (P + R, d): final-norm states, keep_hidden
 
 
 def policy_forward(model, batch: PackedBatch, *, temperature: float = 1.0,
                    with_entropy: bool = True, capture_layer: int | None = None,
                    spans: Sequence[Spans] | None = None, prompt_window: int = 10,
-                   chunk_tokens: int = 8192, entropy_grad: bool = False) -> ForwardOutput:
+                   chunk_tokens: int = 8192, entropy_grad: bool = False,
+                   keep_hidden: bool = False) -> ForwardOutput:
     """Teacher-forced forward giving response log-probs, entropies and (optionally) features.
 
     Logits are computed from the final hidden states only at response positions, in chunks of
     `chunk_tokens`, so memory stays bounded for large vocabularies. Gradients flow into
     `log_probs` when grad is enabled (the policy update uses the same function), and into
-    `entropies` only with `entropy_grad` (an entropy bonus).
+    `entropies` only with `entropy_grad` (an entropy bonus). `keep_hidden` also returns each
+    row's last-layer (final-norm) states over its real prompt and response tokens, detached,
+    float32 on the CPU (Hista's state representation).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs; got {temperature}.")
@@ -318,7 +322,11 @@ def policy_forward(model, batch: PackedBatch, *, temperature: float = 1.0,
             raise ValueError("features need entropies; call with with_entropy=True.")
         stats = entropy_stats(entropies.float(), batch, spans)
         features = torch.cat([pooled[0], pooled[1], stats.to(pooled[0].device)], dim=-1)
-    return ForwardOutput(log_probs, entropies, features)
+    kept = None
+    if keep_hidden:
+        real = batch.attention_mask.to(device).bool()
+        kept = [hidden[b][real[b]].detach().float().cpu() for b in range(hidden.shape[0])]
+    return ForwardOutput(log_probs, entropies, features, kept)
 
 
 class _ChunkHead:

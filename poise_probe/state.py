@@ -27,12 +27,15 @@ class TrainState:
     bank: ProbeBank
     stream: PromptStream
     step: int = 0                        # the last completed step
+    value_method: Any = None             # a stateful estimator (critic, Numca table), if any
 
     def state_dict(self) -> dict:
         """{policy, optimizer, scheduler, probe_bank, data, rng, step}: tensors and arrays."""
         return {"policy": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "probe_bank": self.bank.state_dict(),
-                "data": self.stream.state_dict(), "rng": rng_state(), "step": self.step}
+                "data": self.stream.state_dict(), "rng": rng_state(), "step": self.step,
+                "value_method": ({} if self.value_method is None
+                                 else self.value_method.state_dict())}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned (the policy's weights are copied onto its device)."""
@@ -45,6 +48,12 @@ class TrainState:
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["data"])
         self.bank.load_state_dict(state["probe_bank"])
+        if self.value_method is not None:
+            if "value_method" not in state:
+                raise ValueError(f"the checkpoint has no state of {self.value_method.name!r}: "
+                                 f"it was written by a run with another adv_estimator; resume "
+                                 f"with that estimator or start a new run.")
+            self.value_method.load_state_dict(state["value_method"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
 

@@ -42,6 +42,7 @@ from poise_probe.rundir import RunWriter
 from poise_probe.state import TrainState, seed_everything
 from poise_probe.tracking import Tracker, open_tracker, require
 from poise_probe.update import old_policy_pass, ppo_update, response_mask
+from poise_probe.value_methods import StepContext, make_value_method
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = F
                                   betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    state = TrainState(model, optimizer, scheduler, bank, stream)
+    state = TrainState(model, optimizer, scheduler, bank, stream,
+                       value_method=make_value_method(cfg, model, tokenizer, device))
 
     writer = RunWriter(out, config=cfg.to_dict(), resume=resume, keep_last=cfg.trainer.keep_checkpoints,
                        meta={"model": str(cfg.model.path), "device": str(device),
@@ -181,7 +183,9 @@ def train_step(step: int, run: Run) -> dict:
 
     # 3. old-policy forward: log-probs, token entropies, pooled features (one pass, hooks)
     t = time.perf_counter()
-    fwd = old_policy_pass(st.model, batch, cfg, run.tags, run.layer, run.device, run.autocast)
+    method = st.value_method
+    fwd = old_policy_pass(st.model, batch, cfg, run.tags, run.layer, run.device, run.autocast,
+                          keep_hidden=method is not None and method.hidden_states_wanted)
     old_log_probs, entropies, feats = fwd["log_probs"], fwd["entropies"], fwd["features"]
     mask = response_mask(batch, old_log_probs.shape[1])                 # (N, T)
     ref_log_probs = None
@@ -210,7 +214,12 @@ def train_step(step: int, run: Run) -> dict:
 
     # 5. advantages, frozen before this batch can touch the probe
     t = time.perf_counter()
-    adv, used = step_advantages(cfg, step, rewards, gids, preds, fitted, mask)
+    ctx = StepContext(cfg, step, batch, rewards, gids, mask, old_log_probs, entropies, phi,
+                      preds, fitted, fwd["hidden"])
+    if method is not None:
+        adv, used = method.advantages(ctx), torch.zeros_like(rewards, dtype=torch.bool)
+    else:
+        adv, used = step_advantages(cfg, step, rewards, gids, preds, fitted, mask)
     advantages = adv.advantages.detach().clone()                        # (N,) or (N, T)
     seq_adv = adv.per_sequence(mask).detach().clone()                   # (N,)
     timing["adv"] = time.perf_counter() - t
@@ -219,6 +228,10 @@ def train_step(step: int, run: Run) -> dict:
     t = time.perf_counter()
     probe_metrics = st.bank.update(phi, batch.scores.numpy(), gids.numpy(), domains, step)
     timing["probe"] += time.perf_counter() - t
+    if method is not None:                  # the method learns from the batch (critic, table)
+        t = time.perf_counter()
+        probe_metrics.update(method.update(ctx))
+        timing["value_method"] = time.perf_counter() - t
 
     # 7. policy update (PPO clipped surrogate, mini-batches of prompts, grad accumulation)
     t = time.perf_counter()

@@ -20,11 +20,13 @@ from poise_probe.state import derive_seed
 
 @torch.no_grad()
 def old_policy_pass(model, batch: Rollouts, cfg: Config, tags: TagIds, layer,
-                    device, autocast, with_entropy: bool = True) -> dict:
-    """Log-probs and entropies (N, T) and, if `layer`, features (N, F) of every rollout."""
+                    device, autocast, with_entropy: bool = True,
+                    keep_hidden: bool = False) -> dict:
+    """Log-probs and entropies (N, T) and, if `layer`, features (N, F) of every rollout; with
+    `keep_hidden`, each rollout's last-layer states over prompt + response (a list)."""
     rows = [(batch.prompt_ids[g], batch.response_ids[n])
             for n, g in enumerate(batch.group_ids.tolist())]
-    lps, ents, feats = [], [], []
+    lps, ents, feats, hidden = [], [], [], []
     mb = cfg.optim.micro_batch_size
     was_training = model.training
     model.eval()
@@ -36,8 +38,10 @@ def old_policy_pass(model, batch: Rollouts, cfg: Config, tags: TagIds, layer,
             out = policy_forward(model, packed, temperature=cfg.rollout.temperature,
                                  with_entropy=with_entropy, capture_layer=layer, spans=spans,
                                  prompt_window=cfg.probe.prompt_window,
-                                 chunk_tokens=cfg.optim.logit_chunk_tokens)
+                                 chunk_tokens=cfg.optim.logit_chunk_tokens,
+                                 keep_hidden=keep_hidden)
         lps.append(out.log_probs.float().cpu())
+        hidden.extend(out.hidden or [])
         if with_entropy:
             ents.append(out.entropies.float().cpu())
         if out.features is not None:
@@ -46,7 +50,8 @@ def old_policy_pass(model, batch: Rollouts, cfg: Config, tags: TagIds, layer,
     width = max(x.shape[1] for x in lps)
     return {"log_probs": torch.cat([_pad_to(x, width) for x in lps]),
             "entropies": torch.cat([_pad_to(x, width) for x in ents]) if ents else None,
-            "features": torch.cat(feats) if feats else None}
+            "features": torch.cat(feats) if feats else None,
+            "hidden": hidden if keep_hidden else None}
 
 
 def response_mask(batch: Rollouts, width: int) -> torch.Tensor:
