@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
-from sklearn.model_selection import KFold
+from sklearn.metrics import make_scorer
+from sklearn.model_selection import GridSearchCV, KFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -48,22 +49,26 @@ def _probe_data(n_prompts=120, k=4, p=30, noise=0.1, seed=0):
 # RidgePath == StandardScaler -> Ridge
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n, p", [(60, 10), (25, 80), (40, 40), (300, 3)],
-                         ids=["tall", "wide", "square", "few-features"])
+@pytest.mark.parametrize("n, p", [(60, 10), (25, 80), (40, 40), (300, 3), (80, 400)],
+                         ids=["tall", "wide", "square", "few-features", "wide-study-like"])
 @pytest.mark.parametrize("constant_col", [None, 2], ids=["", "constant-col"])
 def test_ridge_path_matches_sklearn_pipeline(n, p, constant_col):
+    """The closed form kept for speed (benchmarks/bench_ridge.py) is scikit-learn's pipeline."""
     X = _design(n, p, seed=n + p, constant_col=constant_col)
     rng = np.random.default_rng(1)
     y = rng.uniform(0, 1, n)
     X_test = _design(17, p, seed=99)
+    alphas = [1e-3, 1e-2, 1.0, 100.0, 1e4]
     path = RidgePath(X, y)
-    preds = path.predict(X_test, ALPHAS)  # one call, every alpha
-    assert preds.shape == (len(ALPHAS), 17)
-    for i, alpha in enumerate(ALPHAS):
+    preds = path.predict(X_test, alphas)  # one call, every alpha
+    assert preds.shape == (len(alphas), 17)
+    for i, alpha in enumerate(alphas):
         ref = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(X, y)
-        np.testing.assert_allclose(preds[i], ref.predict(X_test), rtol=0, atol=1e-6)
-        np.testing.assert_allclose(path.coef(alpha), ref[-1].coef_, rtol=0, atol=1e-6)
-        assert path.intercept_ == pytest.approx(ref[-1].intercept_, abs=1e-9)
+        want = ref.predict(X_test)
+        np.testing.assert_allclose(preds[i], want, rtol=1e-8, atol=1e-8 * np.abs(want).max())
+        np.testing.assert_allclose(path.coef(alpha), ref[-1].coef_, rtol=1e-8,
+                                   atol=1e-8 * np.abs(ref[-1].coef_).max())
+        assert path.intercept_ == pytest.approx(ref[-1].intercept_, abs=1e-12)
 
 
 def test_standardisation_matches_standardscaler_constant_column_unscaled():
@@ -173,6 +178,21 @@ def test_grouped_folds_are_deterministic_by_seed():
     assert any(not np.array_equal(te_a, te_c) for (_, te_a), (_, te_c) in zip(a, c))
 
 
+def test_grouped_folds_take_a_generator_as_seed():
+    groups = np.repeat(np.arange(30), 4)
+    a = grouped_folds(groups, 3, np.random.default_rng([4, 1]))
+    b = grouped_folds(groups, 3, np.random.default_rng([4, 1]))
+    for (tr_a, te_a), (tr_b, te_b) in zip(a, b):
+        np.testing.assert_array_equal(te_a, te_b)
+        check_no_leak(groups, tr_a, te_a)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "0"])
+def test_grouped_folds_refuse_a_bad_seed(seed):
+    with pytest.raises(ValueError, match=r"seed must be an int >= 0"):
+        grouped_folds(np.arange(10), 2, seed=seed)
+
+
 def test_grouped_folds_refuses_fewer_groups_than_splits():
     with pytest.raises(ValueError, match=r"got 3 groups in 12 rows.*n_splits <= 3"):
         grouped_folds(np.repeat([0, 1, 2], 4), n_splits=5)
@@ -228,6 +248,29 @@ def test_nested_selection_picks_the_inner_argmin_and_follows_the_signal():
     noise_only = cross_val_predict(X, rng.uniform(0, 1, y.size), groups, alphas)
     assert np.median(clean.alpha) < np.median(noise_only.alpha)
     assert np.mean((clean.pred - y) ** 2) < 0.5 * np.var(y)
+
+
+def _clipped_mse(y_true, y_pred):
+    return np.mean((np.clip(y_pred, 0.0, 1.0) - y_true) ** 2)
+
+
+def test_nested_selection_equals_gridsearchcv_on_the_same_inner_folds():
+    """The alpha search is GridSearchCV(StandardScaler -> Ridge) scored by clipped MSE on the
+    documented inner folds; only the pooling differs (rows, not an unweighted fold mean), and
+    with equal-sized inner folds GridSearchCV's own pick is the same."""
+    alphas = np.logspace(-2, 4, 7)
+    X, y, groups = _probe_data(noise=0.2, seed=11)  # 120 prompts x 4: inner folds of 32 prompts
+    res = cross_val_predict(X, y, groups, alphas, seed=3)
+    for k, (train, _) in enumerate(grouped_folds(groups, 5, seed=3)):
+        inner = grouped_folds(groups[train], 3, np.random.default_rng([3, k]))
+        search = GridSearchCV(make_pipeline(StandardScaler(), Ridge()), {"ridge__alpha": alphas},
+                              cv=inner, scoring=make_scorer(_clipped_mse, greater_is_better=False),
+                              refit=False).fit(X[train], y[train])
+        fold_mse = -np.stack([search.cv_results_[f"split{i}_test_score"] for i in range(3)])
+        sizes = np.array([te.size for _, te in inner])  # (3,)
+        np.testing.assert_allclose(res.inner_mse[k], sizes @ fold_mse / sizes.sum(), rtol=1e-9)
+        assert (sizes == sizes[0]).all()
+        assert res.alpha[k] == search.best_params_["ridge__alpha"]
 
 
 def test_inner_mse_scores_clipped_predictions():
