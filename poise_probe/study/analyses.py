@@ -39,7 +39,10 @@ __all__ = [
     "transfer",
 ]
 
-DEFAULT_ALPHAS = (1.0, 10.0, 100.0, 1000.0)
+#: 20 ridge strengths, 1e-2 .. 1e5 evenly in log: the nested grouped CV picks one per fold. One
+#: eigendecomposition serves them all (study.ridge.RidgePath), so a fine grid costs about what
+#: four alphas do (benchmarks/bench_ridge.py).
+DEFAULT_ALPHAS = tuple(float(f"{a:.3g}") for a in np.logspace(-2, 5, 20))
 #: POISE.md "Published results": Qwen3-4B DAPO-Math, MAE / Pearson r against Avg@8.
 PAPER_ABLATION = {"full": (0.126, 0.838), "reasoning": (0.132, 0.821),
                   "entropy": (0.152, 0.780), "prompt": (0.234, 0.569),

@@ -31,6 +31,14 @@ def _ints(text: str, what: str) -> list[int]:
     return vals
 
 
+def _alphas(text: str) -> list[float]:
+    """--alphas: "default" (study.analyses.DEFAULT_ALPHAS) or comma-separated floats."""
+    if text == "default":
+        from poise_probe.study.analyses import DEFAULT_ALPHAS
+        return list(DEFAULT_ALPHAS)
+    return _floats(text, "--alphas")
+
+
 def _floats(text: str, what: str) -> list[float]:
     try:
         vals = [float(x) for x in text.split(",") if x.strip()]
@@ -173,8 +181,9 @@ def _common(p, *, need_data: bool = True) -> None:
                    help="capture dataset directories (several are joined; they must share model, "
                         "layers and poolings)")
     p.add_argument("--out", required=True, help="study directory (tables and figures go here)")
-    p.add_argument("--alphas", default="1,10,100,1000",
-                   help="ridge alphas; several = nested grouped CV picks one per fold")
+    p.add_argument("--alphas", default="default",
+                   help="ridge alphas, comma-separated; several = nested grouped CV picks one "
+                        "per fold; default: 20 from 1e-2 to 1e5, log-spaced")
     p.add_argument("--folds", type=int, default=5, help="grouped CV folds (by prompt)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fold split and bootstraps")
     p.add_argument("--no-png", action="store_true", help="skip PNG export (HTML/JSON only)")
@@ -222,7 +231,7 @@ def _run_sweep(args) -> int:
         if x != "reasoning_last" and x not in ds.poolings:
             raise ValueError(f"--poolings: {x!r} was not captured; use reasoning_last or one of "
                              f"{[q for q in ds.poolings if q.startswith('response')]}.")
-    alphas = _floats(args.alphas, "--alphas")
+    alphas = _alphas(args.alphas)
     writer = R.StudyWriter(args.out, dataset=",".join(args.data), png=not args.no_png)
     total = len(layers) * len(windows) * len(poolings)
     with tqdm(total=total, desc="sweep", unit="fit", file=sys.stderr) as bar:
@@ -296,7 +305,7 @@ def _run_calibrate(args) -> int:
         layer, window, pooling = _setting(args, ds, writer)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         oof = A.oof_predictions(ds, layer, window, pooling=pooling,
-                                alphas=_floats(args.alphas, "--alphas"), n_splits=args.folds,
+                                alphas=_alphas(args.alphas), n_splits=args.folds,
                                 seed=args.seed)
         res = A.calibration(oof, methods=methods, n_bins=args.bins, seed=args.seed)
         for name, frame in res.items():
