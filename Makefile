@@ -31,7 +31,8 @@ clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
 
 # The probe-study notebooks (notebooks/README.md): capture the tiny reasoner's rollouts (resumes,
-# or only checks, a capture already there), then rewrite and execute the notebooks with outputs.
+# or only checks, a capture already there), then build notebooks/*.ipynb from their jupytext
+# sources notebooks/NN_*.py and execute them, saving the outputs.
 # NB_RUN: a trainer run directory for the calibration notebook's "over training steps" section.
 NB_DATA ?= notebooks/data/tiny_capture
 NB_RUN ?=

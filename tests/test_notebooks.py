@@ -1,8 +1,9 @@
-"""The probe-study notebooks: in sync with notebooks/build.py, saved with outputs, and executable.
+"""The probe-study notebooks: in sync with their sources, saved with outputs, and executable.
 
-The slow tests run each committed notebook in CI's reduced mode (POISE_NB_REDUCED=1: a capture of
-72 rollouts made fresh in a temporary folder, small settings) in memory, so a notebook cannot rot
-silently; the committed files are never written.
+Each notebook's source is notebooks/NN_<name>.py (jupytext percent format); notebooks/build.py
+turns it into the .ipynb. The slow tests build each source and run it in CI's reduced mode
+(POISE_NB_REDUCED=1: a capture of 72 rollouts made fresh in a temporary folder, small settings)
+in memory, so a notebook cannot rot silently; the committed files are never written.
 """
 from __future__ import annotations
 
@@ -60,14 +61,38 @@ def _check_key_outputs(stem: str, nb) -> None:
         assert outs, f"{stem}: cell {tag!r} shows no {mime} output"
 
 
+def _cells(nb) -> list[tuple]:
+    return [(c.cell_type, c.id, c.metadata.get("tags", []), c.source) for c in nb.cells]
+
+
+def test_every_notebook_has_a_source():
+    """One percent-format source per notebook, and no notebook without one."""
+    assert _build_module().STEMS == list(KEY_OUTPUTS)
+    assert sorted(p.stem for p in NB_DIR.glob("*.ipynb")) == list(KEY_OUTPUTS)
+
+
 @pytest.mark.parametrize("stem", list(KEY_OUTPUTS))
-def test_committed_notebook_matches_build_script(stem):
-    """The committed sources are what build.py writes (edit build.py, then regenerate)."""
-    built = _build_module().notebooks()[stem]
-    saved = _read(stem)
-    assert [(c.cell_type, c.id, c.source) for c in saved.cells] == \
-           [(c.cell_type, c.id, c.source) for c in built.cells], \
-        f"notebooks/{stem}.ipynb differs from notebooks/build.py; run `make notebooks`"
+def test_committed_notebook_matches_its_source(stem):
+    """The .ipynb holds the cells of its .py source: same types, ids, tags and sources."""
+    built, saved = _build_module().notebook(stem), _read(stem)
+    assert _cells(saved) == _cells(built), \
+        (f"notebooks/{stem}.ipynb differs from notebooks/{stem}.py; run `make notebooks`, or "
+         f"`jupytext --sync notebooks/{stem}.py` to update its sources and keep its outputs")
+
+
+@pytest.mark.parametrize("tag", ["parameters", "capture", "setting"])
+def test_shared_cells_are_the_same_in_every_notebook(tag):
+    """The setup cells are copies; they stay equal (the parameters cell up to its imports)."""
+    build, copies = _build_module(), {}
+    for stem in build.STEMS:
+        cells = [c for c in build.notebook(stem).cells if tag in c.metadata.get("tags", [])]
+        if cells:
+            copies[stem] = [line for line in cells[0].source.splitlines() if not (
+                tag == "parameters" and line.startswith(("import ", "from ")))]
+    assert len(copies) >= 2, f"cell {tag!r} is in fewer than two notebooks: {sorted(copies)}"
+    first = next(iter(copies.values()))
+    assert all(lines == first for lines in copies.values()), \
+        f"cell {tag!r} differs between {sorted(copies)}; make the copies equal"
 
 
 @pytest.mark.parametrize("stem", list(KEY_OUTPUTS))
@@ -118,11 +143,8 @@ def test_notebook_executes_in_reduced_mode(stem, reduced_env, monkeypatch):
     """Each notebook runs top to bottom on a fresh reduced capture and shows its key outputs."""
     for key, value in reduced_env.items():
         monkeypatch.setenv(key, value)
-    nb = _read(stem)
-    for cell in nb.cells:                 # run the committed sources, not their saved outputs
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
-    _build_module().execute(nb, timeout=240)       # in memory: the .ipynb file is not written
+    build = _build_module()
+    nb = build.execute(build.notebook(stem), timeout=240)   # in memory: no file is written
     assert "mode: reduced" in "".join(o.get("text", "")
                                       for o in _cell(nb, "parameters").outputs)
     _check_key_outputs(stem, nb)
