@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_demo(sub)
     _add_config(sub)
+    _add_value_bench(sub)
     from poise_probe.study.commands import add_probe_parser
 
     add_probe_parser(sub)
@@ -268,6 +269,68 @@ def _add_demo(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help=OVERRIDES_HELP + ", applied after the demo's own")
     p.set_defaults(func=_run_demo)
+
+
+def _add_value_bench(sub) -> None:
+    p = sub.add_parser(
+        "value-bench", help="score the value estimators against Monte-Carlo values",
+        description="Sample rollouts of the policy (--config / key=value, model.path) on train "
+                    "and held-out prompts, fit every value estimator on the same train "
+                    "rollouts, and score them against Monte-Carlo values of held-out prompts "
+                    "and of states cut from their rollouts (SVEB's protocol): MAE and Pearson r "
+                    "with bootstrap intervals, the MCS@1/MCS@2 noise rows and the published "
+                    "figures. Writes a study directory the dashboard's Studies page shows.")
+    p.add_argument("--config", default=None, help="YAML recipe whose model, rollout, probe, "
+                                                  "critic, hista and numca sections apply "
+                                                  "(default: the demo's, the tiny reasoner)")
+    p.add_argument("--out", required=True, help="study directory (tables and figures go here)")
+    p.add_argument("--tasks", default="arith,code_output,boolean",
+                   help="comma-separated tasks: the math, code and logic mix")
+    p.add_argument("--train-prompts", type=int, default=64,
+                   help="train-split prompts per task the estimators are fitted on")
+    p.add_argument("--eval-prompts", type=int, default=32,
+                   help="held-out prompts per task (one cut state each)")
+    p.add_argument("--pool", type=int, default=8,
+                   help="rollouts per prompt the estimators see (group means use 2, 4, 8)")
+    p.add_argument("--mc", type=int, default=16,
+                   help="Monte-Carlo rollouts per held-out prompt and per state (the targets)")
+    p.add_argument("--estimators", default="all",
+                   help="comma-separated estimators, or all (see `poise value-bench --list`)")
+    p.add_argument("--list", action="store_true", help="list the estimators and exit")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling and bootstrap")
+    p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for the CIs")
+    p.add_argument("--no-png", action="store_true", help="skip PNG export (HTML/JSON only)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    p.set_defaults(func=_run_value_bench)
+
+
+def _run_value_bench(args) -> int:
+    from poise_probe.config import load_config
+    from poise_probe.valuebench import default_estimators, run_value_bench
+
+    if args.list:
+        print("\n".join(default_estimators()))
+        return 0
+    # without a recipe: the demo's (the bundled tiny reasoner on a CPU)
+    cfg = load_config(args.config, (DEMO_OVERRIDES if args.config is None else [])
+                      + args.overrides)
+    names = None if args.estimators == "all" else [n.strip() for n in args.estimators.split(",")]
+    with quiet_library_bars():
+        table = run_value_bench(
+            cfg, args.out, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+            n_train=args.train_prompts, n_eval=args.eval_prompts, pool=args.pool, mc=args.mc,
+            estimators=names, seed=args.seed, n_boot=args.bootstrap, png=not args.no_png,
+            progress=lambda msg: print(f"value-bench: {msg}", file=sys.stderr, flush=True))
+    ours = table[~table["estimator"].str.startswith("paper")]
+    with _pd_options():
+        print(ours.round(3).to_string(index=False))
+    print(f"written to {args.out}/value_bench", file=sys.stderr)
+    return 0
+
+
+def _pd_options():
+    import pandas as pd
+    return pd.option_context("display.width", 160, "display.max_columns", 20)
 
 
 #: The demo recipe: the defaults plus what a tiny model on a CPU needs (see poise_tiny.yaml).

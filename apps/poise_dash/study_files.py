@@ -59,7 +59,7 @@ class StudyItem:
         return "other"
 
 
-KNOWN_ANALYSES = ("sweep", "ablation", "calibration", "transfer", "drift")
+KNOWN_ANALYSES = ("sweep", "ablation", "calibration", "transfer", "drift", "value_bench")
 
 
 def study_sections(study: str) -> dict[str, list[StudyItem]]:
