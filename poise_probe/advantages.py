@@ -25,6 +25,8 @@ __all__ = [
     "AdvantageResult",
     "compute_advantages",
     "filter_groups",
+    "masked_whiten",
+    "masked_whiten_scale",
     "get_adv_estimator",
     "overlong_reward_shaping",
     "poise_with_bootstrap",
@@ -101,17 +103,20 @@ def get_adv_estimator(name: str) -> Callable[..., AdvantageResult]:
 
 
 def compute_advantages(name: str, rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None = None,
-                       epsilon: float = 1e-6, response_mask: Tensor | None = None) -> AdvantageResult:
+                       epsilon: float = 1e-6, response_mask: Tensor | None = None,
+                       **options) -> AdvantageResult:
     """Run estimator `name` on rewards (N,) grouped by prompt ids (N,); preds (N,) only for poise;
-    `response_mask` (N, T) is passed to token-level estimators (and required by them)."""
+    `response_mask` (N, T) is passed to token-level estimators (and required by them);
+    `options` are the estimator's own keywords (reinforce_plus_plus: gamma)."""
     fn = get_adv_estimator(name)
     if name not in TOKEN_LEVEL:
-        return fn(rewards, group_ids, preds=preds, epsilon=epsilon)
+        return fn(rewards, group_ids, preds=preds, epsilon=epsilon, **options)
     if response_mask is None or response_mask.ndim != 2 or response_mask.shape[0] != rewards.shape[0]:
         got = None if response_mask is None else tuple(response_mask.shape)
         raise ValueError(f"{name} gives one advantage per token and needs response_mask of shape "
                          f"(N={rewards.shape[0]}, T); got {got}.")
-    out = fn(rewards, group_ids, preds=preds, epsilon=epsilon, response_mask=response_mask)
+    out = fn(rewards, group_ids, preds=preds, epsilon=epsilon, response_mask=response_mask,
+             **options)
     if out.advantages.shape != response_mask.shape:
         raise ValueError(f"token-level estimator {name} returned advantages of shape "
                          f"{tuple(out.advantages.shape)}; expected {tuple(response_mask.shape)}.")
@@ -130,12 +135,12 @@ def poise_with_bootstrap(rewards: Tensor, group_ids: Tensor, preds: Tensor,
     Example: rewards [1, 0 | 1, 1], preds [.2, .4 | .3, .5], ready [T, T | T, F]
     -> baselines [.4, .2 | 1, 1] (group 2 falls back to the sibling's reward), used [T, T | F, F].
     """
-    rewards, group_ids = _check_rewards(rewards, group_ids, 0.0)
+    rewards, group_ids = check_rewards(rewards, group_ids, 0.0)
     ready = torch.as_tensor(probe_ready, dtype=torch.bool, device=rewards.device)
     if ready.shape != rewards.shape:
         raise ValueError(f"probe_ready must have the rewards' shape {tuple(rewards.shape)}; got "
                          f"{tuple(ready.shape)}.")
-    _, inverse, _ = _group_index(group_ids)
+    _, inverse, _ = group_index(group_ids)
     n_groups = int(inverse.max()) + 1
     not_ready = torch.zeros(n_groups, dtype=torch.long, device=rewards.device)
     not_ready.index_add_(0, inverse, (~ready).long())
@@ -154,7 +159,7 @@ def poise_with_bootstrap(rewards: Tensor, group_ids: Tensor, preds: Tensor,
 # Boundary checks and group bookkeeping
 # ---------------------------------------------------------------------------------------------
 
-def _check_rewards(rewards: Tensor, group_ids: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
+def check_rewards(rewards: Tensor, group_ids: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
     """Validate (rewards (N,), group_ids (N,)); return rewards as floats and ids as int64."""
     if not isinstance(rewards, Tensor):
         raise TypeError(f"rewards must be a torch.Tensor of shape (N,); got {type(rewards).__name__}.")
@@ -201,7 +206,7 @@ def _check_preds(preds: Tensor | None, rewards: Tensor) -> Tensor:
     return preds
 
 
-def _group_index(group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def group_index(group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(unique ids (G,), row -> group position (N,), group sizes (G,))."""
     uniq, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     return uniq, inverse, counts
@@ -225,7 +230,7 @@ def _require_siblings(name: str, uniq: Tensor, counts: Tensor) -> None:
 
 def _group_mean_std(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row group mean and unbiased group std (N,); a 1-rollout group gets mean 0, std 1 (verl)."""
-    uniq, inverse, counts = _group_index(group_ids)
+    uniq, inverse, counts = group_index(group_ids)
     n = counts.to(rewards.dtype)
     mean_g = _group_sum(rewards, inverse, len(uniq)) / n  # (G,)
     dev = rewards - mean_g[inverse]
@@ -246,7 +251,7 @@ def _group_mean_std(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]
 
 def _sibling_mean(name: str, values: Tensor, group_ids: Tensor) -> Tensor:
     """Mean of `values` over the *other* rows of each row's group; (N,) -> (N,)."""
-    uniq, inverse, counts = _group_index(group_ids)
+    uniq, inverse, counts = group_index(group_ids)
     _require_siblings(name, uniq, counts)
     # stats.loo_mean sums in float64 with 0/1 weights: with two rollouts, the sibling bit for bit
     loo = stats.loo_mean(values.detach().cpu().double().numpy(), inverse.cpu().numpy())
@@ -258,7 +263,7 @@ def poise_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None 
                     epsilon: float = 1e-6) -> AdvantageResult:
     """A_i = r_i - mean_{j != i, same prompt} g(phi_j), no normalisation; (N,) -> (N,). POISE Sec. 3."""
     del epsilon  # no normalisation, so nothing to stabilise
-    rewards, group_ids = _check_rewards(rewards, group_ids, 0.0)
+    rewards, group_ids = check_rewards(rewards, group_ids, 0.0)
     preds = _check_preds(preds, rewards)
     # Sibling predictions only: b_i does not depend on rollout i, which keeps the gradient unbiased.
     baselines = _sibling_mean("poise", preds, group_ids)
@@ -270,7 +275,7 @@ def rloo_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None =
                    epsilon: float = 1e-6) -> AdvantageResult:
     """A_i = r_i - mean_{j != i, same prompt} r_j; (N,) -> (N,). Ahmadian et al. 2024 (RLOO)."""
     del preds, epsilon
-    rewards, group_ids = _check_rewards(rewards, group_ids, 0.0)
+    rewards, group_ids = check_rewards(rewards, group_ids, 0.0)
     baselines = _sibling_mean("rloo", rewards, group_ids)
     return AdvantageResult(rewards - baselines, baselines, torch.ones_like(rewards))
 
@@ -278,7 +283,7 @@ def rloo_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None =
 def _group_centred(rewards: Tensor, group_ids: Tensor, epsilon: float, *, scaled: bool
                    ) -> AdvantageResult:
     """r - group mean, divided by (group std + eps) when scaled (GRPO) or not (Dr. GRPO)."""
-    rewards, group_ids = _check_rewards(rewards, group_ids, epsilon)
+    rewards, group_ids = check_rewards(rewards, group_ids, epsilon)
     mean, std = _group_mean_std(rewards, group_ids)
     scale = std + epsilon if scaled else torch.ones_like(rewards)
     return AdvantageResult((rewards - mean) / scale, mean, scale)
@@ -305,11 +310,12 @@ def reinforce_pp_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor 
                            epsilon: float = 1e-6) -> AdvantageResult:
     """A = (r - batch mean) / (batch std + eps), std unbiased, group_ids unused. Hu 2025 (REINFORCE++).
 
-    Differs from verl, which whitens token-level returns (each rollout weighted by its length);
-    here every rollout counts once.
+    Per rollout: every rollout counts once in the batch statistics and its A applies to all its
+    tokens. verl's `reinforce_plus_plus` (registered under that name below) whitens token-level
+    returns instead, so each rollout is weighted by its length and the std gets verl's 1e-8.
     """
     del preds
-    rewards, group_ids = _check_rewards(rewards, group_ids, epsilon)
+    rewards, group_ids = check_rewards(rewards, group_ids, epsilon)
     if rewards.numel() < 2:
         raise ValueError(f"reinforce_pp normalises by the batch std and needs >= 2 rollouts; "
                          f"got {rewards.numel()}.")
@@ -326,6 +332,110 @@ def dapo_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None =
 
 
 # ---------------------------------------------------------------------------------------------
+# verl's token-level REINFORCE++ (verl/trainer/ppo/core_algos.py, verl/utils/torch_functional.py)
+# ---------------------------------------------------------------------------------------------
+
+def masked_whiten(values: Tensor, mask: Tensor) -> Tensor:
+    """verl's masked_whiten (shift_mean=True): `masked_whiten_scale`'s whitened values. Example:
+    [[1, 2, 3, 100]], mask [[1, 1, 1, 0]] -> [[-1, 0, 1, 98]] (padding carried, not counted)."""
+    return masked_whiten_scale(values, mask)[0]
+
+
+def masked_whiten_scale(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """verl_F.masked_whiten over every counted token of the batch: (whitened (N, T), scale ()).
+
+    verl: mean = sum(x m) / (sum(m) + 1e-8); var = (sum((x - mean)^2 m) / (sum(m) + 1e-8))
+    * n / (n - 1), n = sum(m) (unbiased); whitened = (x - mean) * rsqrt(var + 1e-8);
+    scale = sqrt(var + 1e-8).
+    """
+    m = mask.to(values.dtype)
+    n = m.sum()
+    if n < 2:
+        raise ValueError(f"whitening over tokens needs >= 2 counted response tokens for an "
+                         f"unbiased variance (verl's masked_var); got {int(n)}.")
+    mean = torch.where(m != 0, values, 0.0).mul(m).sum() / (n + 1e-8)
+    var = torch.where(m != 0, (values - mean) ** 2, 0.0).mul(m).sum() / (n + 1e-8) * (n / (n - 1))
+    return (values - mean) * torch.rsqrt(var + 1e-8), (var + 1e-8).sqrt()
+
+
+def _token_result(rewards: Tensor, advantages: Tensor, scale: Tensor) -> AdvantageResult:
+    """AdvantageResult of per-token A (N, T) for token "rewards" (N, T): b = r - A * scale."""
+    s = scale.expand_as(advantages).clone()
+    return AdvantageResult(advantages, rewards - advantages * s, s)
+
+
+def _check_mask(name: str, response_mask: Tensor, rewards: Tensor) -> Tensor:
+    """Validate the response mask (N, T); return it in the rewards' dtype."""
+    if response_mask.ndim != 2 or response_mask.shape[0] != rewards.shape[0]:
+        raise ValueError(f"{name} needs response_mask (N={rewards.shape[0]}, T); got "
+                         f"{tuple(response_mask.shape)}.")
+    return response_mask.to(device=rewards.device, dtype=rewards.dtype)
+
+
+@register_adv_est("reinforce_plus_plus", token_level=True)
+def reinforce_plus_plus_advantage(rewards: Tensor, group_ids: Tensor, *, preds: Tensor | None = None,
+                                  epsilon: float = 1e-6, response_mask: Tensor | None = None,
+                                  gamma: float = 1.0) -> AdvantageResult:
+    """verl's REINFORCE++: whitened discounted returns of the outcome reward; (N,) -> (N, T).
+
+    The reward r_i sits on rollout i's last counted token (verl's reward managers:
+    `reward_tensor[i, valid_response_length - 1] = score`). Then, as verl's
+    compute_reinforce_plus_plus_outcome_advantage:
+        for t in reversed(range(T)):
+            running_return = token_level_rewards[:, t] + gamma * running_return
+            returns[:, t] = running_return
+            running_return = running_return * response_mask[:, t]   # reset after EOS
+        advantages = masked_whiten(returns, response_mask) * response_mask
+    so the mean and std run over every response token of the batch (a rollout weighs by its
+    length). group_ids and epsilon are unused (verl's whitening has its own 1e-8). The scale
+    is sqrt(var + 1e-8) and A * scale + b = the token's return. Hu 2025 (REINFORCE++).
+    """
+    del preds
+    rewards, group_ids = check_rewards(rewards, group_ids, epsilon)
+    mask = _check_mask("reinforce_plus_plus", response_mask, rewards)
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1] (the returns' discount); got {gamma}.")
+    n, t_len = mask.shape
+    cols = torch.arange(t_len, device=mask.device).expand(n, t_len)
+    last = torch.where(mask != 0, cols, -1).amax(-1)                   # (N,) -1: no token
+    token_rewards = torch.zeros_like(mask)                             # (N, T)
+    has = last >= 0
+    token_rewards[has, last[has]] = rewards[has]
+    returns = torch.zeros_like(mask)
+    running = torch.zeros(n, dtype=mask.dtype, device=mask.device)
+    for t in reversed(range(t_len)):
+        running = token_rewards[:, t] + gamma * running
+        returns[:, t] = running
+        running = running * mask[:, t]
+    white, scale = masked_whiten_scale(returns, mask)
+    return _token_result(returns, white * mask, scale)
+
+
+@register_adv_est("reinforce_plus_plus_baseline", token_level=True)
+def reinforce_plus_plus_baseline_advantage(rewards: Tensor, group_ids: Tensor, *,
+                                           preds: Tensor | None = None, epsilon: float = 1e-6,
+                                           response_mask: Tensor | None = None
+                                           ) -> AdvantageResult:
+    """verl's REINFORCE++-baseline: r minus its group mean, whitened over tokens; (N,) -> (N, T).
+
+    As verl's compute_reinforce_plus_plus_baseline_outcome_advantage:
+        scores[i] = scores[i] - id2mean[index[i]]       # a lone rollout: mean 0
+        scores = scores.unsqueeze(-1).tile([1, T]) * response_mask
+        scores = masked_whiten(scores, response_mask) * response_mask
+    so the whitening runs over every response token of the batch. epsilon is unused, as in
+    verl. A * scale + b = r on counted tokens. Hu 2025 (REINFORCE++-baseline).
+    """
+    del preds
+    rewards, group_ids = check_rewards(rewards, group_ids, epsilon)
+    mask = _check_mask("reinforce_plus_plus_baseline", response_mask, rewards)
+    mean, _ = _group_mean_std(rewards, group_ids)                      # lone: 0, as verl
+    scores = (rewards - mean)[:, None] * mask                          # (N, T)
+    white, scale = masked_whiten_scale(scores, mask)
+    r = rewards[:, None].expand_as(mask) * (mask != 0)                 # the reward on each token
+    return _token_result(r, white * mask, scale)
+
+
+# ---------------------------------------------------------------------------------------------
 # DAPO helpers (used by the trainer)
 # ---------------------------------------------------------------------------------------------
 
@@ -335,8 +445,8 @@ def filter_groups(rewards: Tensor, group_ids: Tensor, *, keep_singletons: bool =
     Like verl's DAPO trainer (`std > 0 or len(group) == 1`), a lone rollout is kept unless
     `keep_singletons=False`.
     """
-    rewards, group_ids = _check_rewards(rewards, group_ids, 0.0)
-    uniq, inverse, counts = _group_index(group_ids)
+    rewards, group_ids = check_rewards(rewards, group_ids, 0.0)
+    uniq, inverse, counts = group_index(group_ids)
     init = torch.full((len(uniq),), float("nan"), dtype=rewards.dtype, device=rewards.device)
     g_max = init.scatter_reduce(0, inverse, rewards, reduce="amax", include_self=False)
     g_min = init.scatter_reduce(0, inverse, rewards, reduce="amin", include_self=False)

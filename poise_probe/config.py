@@ -129,7 +129,8 @@ def estimator_names() -> tuple[str, ...]:
 @dataclass
 class AlgorithmConfig:
     adv_estimator: str = opt(
-        "poise", 'advantage estimator (verl algorithm.adv_estimator): poise | grpo | dr_grpo | rloo | reinforce_pp | dapo')
+        "poise", "advantage estimator (verl algorithm.adv_estimator); `poise train --help` lists "
+                 "them all (docs/estimators.md)")
     epsilon: float = opt(
         0.2, 'PPO clip below: ratio >= 1 - epsilon (verl clip_ratio_low, TRL epsilon)')
     epsilon_high: float = opt(
@@ -259,16 +260,34 @@ class Config:
     numca: NumcaConfig = field(default_factory=NumcaConfig)
 
     def __post_init__(self):
-        if self.algorithm.adv_estimator in ("poise", "rloo") and self.rollout.num_generations < 2:
+        # the probe estimators: POISE and its ablations (same-rollout, prompt-only baselines)
+        probed = ("poise", "poise_self", "poise_prompt")
+        if self.algorithm.adv_estimator in (*probed, "rloo") and self.rollout.num_generations < 2:
             raise ValueError(
                 f"rollout.num_generations must be >= 2 for {self.algorithm.adv_estimator} "
-                f"(baselines come from sibling rollouts); got {self.rollout.num_generations}.")
+                f"(baselines or the probe's targets come from sibling rollouts); got "
+                f"{self.rollout.num_generations}.")
         a = self.algorithm
-        if a.adv_estimator == "poise" and (a.dynamic_sampling or a.overlong_shaping):
+        if a.adv_estimator in probed and (a.dynamic_sampling or a.overlong_shaping):
             raise ValueError(
-                "algorithm.dynamic_sampling and algorithm.overlong_shaping must be false for "
-                "poise: it keeps equal-reward groups (both-correct pairs get 1 - g, both-wrong "
-                "-g) and its probe predicts the unshaped score; use adv_estimator=dapo for them.")
+                f"algorithm.dynamic_sampling and algorithm.overlong_shaping must be false for "
+                f"{a.adv_estimator}: it keeps equal-reward groups (both-correct pairs get 1 - g, "
+                f"both-wrong -g) and its probe predicts the unshaped score; use "
+                f"adv_estimator=dapo for them.")
+        from poise_probe.group_norm import GROUP_ESTIMATORS as group_estimators
+        g = self.group
+        if (g.validity_mask or g.variance != "empirical") and a.adv_estimator not in group_estimators:
+            raise ValueError(f"group.validity_mask and group.variance are options of "
+                             f"{list(group_estimators)}; adv_estimator={a.adv_estimator!r} "
+                             f"ignores them. Turn them off or pick one of those estimators.")
+        if g.variance != "empirical" and a.adv_estimator != "grpo":
+            raise ValueError(f"group.variance={g.variance!r} sets grpo's scale; "
+                             f"{a.adv_estimator} does not divide by a std. Use "
+                             f"adv_estimator=grpo or group.variance=empirical.")
+        if g.variance != "empirical" and a.overlong_shaping:
+            raise ValueError(f"group.variance={g.variance!r} treats rewards as success rates in "
+                             f"[0, 1]; algorithm.overlong_shaping makes them negative. Turn one "
+                             f"off.")
         if a.overlong_shaping and a.overlong_buffer_len >= self.rollout.max_completion_length:
             raise ValueError(f"algorithm.overlong_buffer_len ({a.overlong_buffer_len}) must be < "
                              f"rollout.max_completion_length ({self.rollout.max_completion_length}).")

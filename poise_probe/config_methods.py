@@ -4,6 +4,7 @@ settings (RELATED.md, POISE.md); options marked "reconstruction" follow formulas
 only describe in words, and are configurable for that reason (docs/estimators.md)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from poise_probe.config_fields import choice, nonneg, opt, positive, unit
@@ -28,12 +29,18 @@ class GroupConfig:
                      "(sqrt(p(1-p)), AV, reconstruction) | smoothed (p=(k+a)/(G+2a) in mean and "
                      "variance, speculative)")
     smoothing: float = opt(1.0, "a of the smoothed variance: pseudo-successes and -failures")
+    gamma: float = opt(1.0, "reinforce_plus_plus: discount of the token-level returns of the "
+                            "outcome reward (verl algorithm.gamma)")
 
     def __post_init__(self):
         choice("group.invalid", self.invalid, INVALID_MODES)
         choice("group.variance", self.variance, GROUP_VARIANCES)
         if self.smoothing <= 0:
             raise ValueError(f"group.smoothing must be > 0; got {self.smoothing}.")
+        if not math.isfinite(self.invalid_penalty):
+            raise ValueError(f"group.invalid_penalty must be a finite number (the advantage of "
+                             f"an invalid rollout); got {self.invalid_penalty}.")
+        unit("group.gamma", self.gamma)
 
 
 @dataclass
@@ -47,12 +54,28 @@ class CriticConfig:
     value_clip: float | None = opt(0.2, "ppo_gae: clip of the value update (verl cliprange_value); "
                                         "None: no clipping")
     warmup_steps: int = opt(0, "steps the critic trains before its values are used (RLOO before)")
+    mini_batch_prompts: int | None = opt(
+        None, "prompts per critic optimizer step; None: optim.mini_batch_prompts (verl's critic "
+              "shares the actor's ppo_mini_batch_size)")
+    micro_batch_size: int | None = opt(
+        None, "rows per critic forward (prompts for ppo_critic, rollouts for ppo_gae); "
+              "gradients accumulate over a mini-batch; None: optim.micro_batch_size")
+    max_grad_norm: float = opt(1.0, "critic gradient-norm clip (verl critic grad_clip)")
 
     def __post_init__(self):
         choice("critic.init", self.init, CRITIC_INITS)
         if self.lr <= 0:
             raise ValueError(f"critic.lr must be > 0; got {self.lr}.")
         positive("critic.epochs", self.epochs)
+        if self.mini_batch_prompts is not None:
+            positive("critic.mini_batch_prompts", self.mini_batch_prompts)
+        if self.micro_batch_size is not None:
+            positive("critic.micro_batch_size", self.micro_batch_size)
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"critic.max_grad_norm must be > 0; got {self.max_grad_norm}.")
+        if self.value_clip is not None and not self.value_clip > 0:
+            raise ValueError(f"critic.value_clip must be > 0 or None (no clipping); got "
+                             f"{self.value_clip}.")
         unit("critic.gamma", self.gamma)
         unit("critic.lam", self.lam)
         nonneg("critic.warmup_steps", self.warmup_steps)
@@ -74,9 +97,13 @@ class HistaConfig:
                                     "variant; the official code keeps them)")
     zero_last_token: bool = opt(True, "the official code's zero advantage on the last token")
     scale_rewards: str = opt("group", "divide by the group's reward std + 1e-4 (TRL) | none")
+    pool_chunk: int = opt(8, "pool rollouts measured against one query rollout at a time: peak "
+                             "memory ~ 40 B x pool_chunk x (L/W)^2; the values do not depend on it")
 
     def __post_init__(self):
-        unit("hista.alpha", self.alpha)
+        if not 0.0 <= self.alpha < 1.0:
+            raise ValueError(f"hista.alpha must lie in [0, 1) (the bias correction divides by "
+                             f"1 - alpha^(k+1)); got {self.alpha}.")
         positive("hista.mean_window", self.mean_window)
         positive("hista.min_interval", self.min_interval)
         if self.min_d <= 0:
@@ -88,6 +115,7 @@ class HistaConfig:
         choice("hista.ema_init", self.ema_init, EMA_INITS)
         choice("hista.distance", self.distance, DISTANCES)
         choice("hista.scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        positive("hista.pool_chunk", self.pool_chunk)
 
 
 @dataclass

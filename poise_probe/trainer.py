@@ -32,6 +32,7 @@ from poise_probe.config import Config
 from poise_probe.data import PromptStream
 from poise_probe.evaluation import evaluate
 from poise_probe.features import TagIds
+from poise_probe.group_norm import GROUP_ESTIMATORS, group_advantages
 from poise_probe.losses import logprob_mismatch, truncated_is_weights
 from poise_probe.models import load_policy
 from poise_probe.probe import ProbeBank
@@ -217,9 +218,11 @@ def train_step(step: int, run: Run) -> dict:
     ctx = StepContext(cfg, step, batch, rewards, gids, mask, old_log_probs, entropies, phi,
                       preds, fitted, fwd["hidden"])
     if method is not None:
-        adv, used = method.advantages(ctx), torch.zeros_like(rewards, dtype=torch.bool)
+        adv = method.advantages(ctx)
+        used = method.used if method.used is not None else torch.zeros_like(rewards, dtype=torch.bool)
     else:
-        adv, used = step_advantages(cfg, step, rewards, gids, preds, fitted, mask)
+        adv, used = step_advantages(cfg, step, rewards, gids, preds, fitted, mask,
+                                    valid=batch.valid)
     advantages = adv.advantages.detach().clone()                        # (N,) or (N, T)
     seq_adv = adv.per_sequence(mask).detach().clone()                   # (N,)
     timing["adv"] = time.perf_counter() - t
@@ -264,14 +267,22 @@ def train_step(step: int, run: Run) -> dict:
     return metrics
 
 
-def step_advantages(cfg: Config, step: int, rewards, gids, preds, fitted,
-                    mask) -> tuple[AdvantageResult, torch.Tensor]:
-    """The step's advantages and where the probe was used (POISE's bootstrap splice)."""
-    if cfg.algorithm.adv_estimator == "poise":
+def step_advantages(cfg: Config, step: int, rewards, gids, preds, fitted, mask,
+                    valid=None) -> tuple[AdvantageResult, torch.Tensor]:
+    """The step's advantages and where the probe was used (POISE's bootstrap splice); grpo,
+    dr_grpo and rloo get the `group` options (validity masking reads `valid` (N,))."""
+    name, g = cfg.algorithm.adv_estimator, cfg.group
+    if name == "poise":
         ready = torch.from_numpy(fitted) & torch.tensor(step > cfg.probe.bootstrap_steps)
         return poise_with_bootstrap(rewards, gids, torch.from_numpy(np.nan_to_num(preds)),
                                     ready)
-    adv = compute_advantages(cfg.algorithm.adv_estimator, rewards, gids, response_mask=mask)
+    if name in GROUP_ESTIMATORS:
+        adv = group_advantages(name, rewards, gids, valid=valid, validity_mask=g.validity_mask,
+                               invalid=g.invalid, invalid_penalty=g.invalid_penalty,
+                               variance=g.variance, smoothing=g.smoothing)
+    else:
+        options = {"gamma": g.gamma} if name == "reinforce_plus_plus" else {}
+        adv = compute_advantages(name, rewards, gids, response_mask=mask, **options)
     return adv, torch.zeros_like(rewards, dtype=torch.bool)
 
 

@@ -60,6 +60,9 @@ class ValueMethod:
     name: str = ""
     token_level: bool = False            # (N, T) advantages
     hidden_states_wanted: bool = False   # keep the last-layer states of the old-policy pass
+    #: (N,) bool set by `advantages`: where a probe prediction made the baseline (the
+    #: trainer's probe/used_frac and the rollout table's flag); None: nowhere
+    used: torch.Tensor | None = None
 
     def advantages(self, ctx: StepContext) -> AdvantageResult:
         raise NotImplementedError

@@ -30,6 +30,13 @@ class Rollouts:
     stats: dict = field(default_factory=dict)
     pad_id: int = 0
     engine_log_probs: list[list[float]] | None = None  # per rollout, the engine's own
+    # (N,) bool: the task's answer extractor found an answer (format-valid), for validity
+    # masking; None (the default) means every rollout is valid
+    valid: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.valid is None:
+            self.valid = torch.ones(len(self.response_ids), dtype=torch.bool)
 
     @property
     def domains(self) -> list[str]:
@@ -52,7 +59,7 @@ def collect_rollouts(step: int, cfg: Config, engine: RolloutEngine, tokenizer,
     k = cfg.rollout.num_generations
     want = cfg.rollout.prompts_per_step
     prompts: list[Prompt] = []
-    prompt_ids, resp, texts, trunc, rew, sco, lps = [], [], [], [], [], [], []
+    prompt_ids, resp, texts, trunc, rew, sco, lps, val = [], [], [], [], [], [], [], []
     timing["gen"] = timing["reward"] = 0.0
     rounds, dropped, seen_groups = 0, 0, 0
     dynamic = cfg.algorithm.dynamic_sampling
@@ -64,7 +71,7 @@ def collect_rollouts(step: int, cfg: Config, engine: RolloutEngine, tokenizer,
         comps = engine.generate(ids, k, sampling, seed=derive_seed(cfg.trainer.seed, step, rounds))
         timing["gen"] += time.perf_counter() - t
         t = time.perf_counter()
-        score = score_rollouts(new, comps.texts)                         # (P_new, K)
+        score, ok = score_rollouts(new, comps.texts)            # (P_new, K) rewards, validity
         r = score
         if cfg.algorithm.overlong_shaping:
             lengths = torch.tensor([[len(x) for x in row] for row in comps.token_ids])
@@ -89,6 +96,7 @@ def collect_rollouts(step: int, cfg: Config, engine: RolloutEngine, tokenizer,
             trunc.extend(comps.truncated[i])
             rew.append(r[i])
             sco.append(score[i])
+            val.append(ok[i])
             lps.extend(comps.log_probs[i] if comps.log_probs is not None else [None] * k)
     if not prompts:
         raise RuntimeError(f"step {step}: every group had equal rewards in "
@@ -97,17 +105,23 @@ def collect_rollouts(step: int, cfg: Config, engine: RolloutEngine, tokenizer,
     gids = torch.arange(len(prompts)).repeat_interleave(k)
     rewards = torch.cat(rew).reshape(-1).float()
     scores = torch.cat(sco).reshape(-1).float()
+    valid = torch.cat(val).reshape(-1)
     stats = {"batch/gen_rounds": rounds, "batch/prompts": len(prompts),
-             "batch/prompts_sampled": seen_groups, "batch/groups_dropped": dropped}
+             "batch/prompts_sampled": seen_groups, "batch/groups_dropped": dropped,
+             "batch/valid_frac": float(valid.float().mean())}
     return Rollouts(prompts, prompt_ids, resp, texts, trunc, gids, rewards, scores, rounds,
                     stats, tokenizer.pad_token_id,
-                    None if any(x is None for x in lps) else lps)
+                    None if any(x is None for x in lps) else lps, valid)
 
 
-def score_rollouts(prompts: list[Prompt], texts: list[list[str]]) -> torch.Tensor:
-    """(P, K) rewards from each prompt's own task verifier (batched per task)."""
+def score_rollouts(prompts: list[Prompt], texts: list[list[str]]) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+    """(P, K) rewards from each prompt's own task verifier (batched per task), and (P, K) bool
+    validity: the task's `has_answer` (its answer extractor found an answer; a task that cannot
+    tell says True), or a reward > 0, since a rollout the verifier rewarded has an answer."""
     k = len(texts[0])
     rewards = torch.zeros(len(prompts), k)
+    valid = torch.zeros(len(prompts), k, dtype=torch.bool)
     by_task: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_task.setdefault(id(p.task), []).append(i)
@@ -119,4 +133,7 @@ def score_rollouts(prompts: list[Prompt], texts: list[list[str]]) -> torch.Tenso
         if not torch.isfinite(rewards[idx]).all():
             raise ValueError(f"task {task.name!r} returned NaN or inf rewards; a verifier must "
                              f"return numbers in [0, 1]. Fix the task's score function.")
-    return rewards
+        found = [bool(task.has_answer(texts[i][j], prompts[i].example))
+                 for i in idx for j in range(k)]
+        valid[idx] = torch.tensor(found, dtype=torch.bool).reshape(len(idx), k)
+    return rewards, valid | (rewards > 0)

@@ -95,6 +95,14 @@ class Task:
     def score(self, completion: str, example: Example) -> float:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement score")
 
+    def has_answer(self, completion: str, example: Example) -> bool:
+        """Whether the task's answer extractor finds an answer in `completion` (format-valid).
+
+        Validity masking (docs/methods/group_options.md) reads it. This default cannot tell,
+        so every completion counts as valid; tasks that extract an answer override it.
+        """
+        return True
+
     def score_many(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
         """Score aligned lists of completions and examples."""
         if len(completions) != len(examples):

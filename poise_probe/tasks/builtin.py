@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from poise_probe.tasks import register_task
-from poise_probe.tasks.base import Example, Task, exact_match
+from poise_probe.tasks.base import Example, Task, exact_match, extract_answer
 
 
 def format_trace(steps: list[str], answer: str) -> str:
@@ -31,6 +31,10 @@ class TraceTask(Task):
 
     def score(self, completion: str, example: Example) -> float:
         return exact_match(completion, example.ground_truth)
+
+    def has_answer(self, completion: str, example: Example) -> bool:
+        """`<answer>…</answer>` or `\\boxed{}` found: what `exact_match` compares."""
+        return extract_answer(completion) is not None
 
     def reference(self, example: Example, rng: random.Random | None = None,
                   error_rate: float = 0.0) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from poise_probe.tasks.base import (DOMAINS, Example, Task, check_split, exact_match,
-                                    is_heldout)
+                                    extract_answer, is_heldout)
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +277,14 @@ class FileTask(Task):
 
             return float(run_python(test_program(completion, example)).passed)
         return exact_match(completion, example.ground_truth)
+
+    def has_answer(self, completion: str, example: Example) -> bool:
+        """`<answer>…</answer>` or `\\boxed{}` found. A math answer that math-verify finds only
+        as bare text or `$…$` does not count here (a rewarded one is valid anyway, see
+        `score_rollouts`); code rows run as test programs cannot tell, so they count as valid."""
+        if example.domain == "code" and is_test_program(example.ground_truth):
+            return True
+        return extract_answer(completion) is not None
 
     def score_many(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
         """Like `score`, with all code test programs run together by `sandbox.run_many`."""

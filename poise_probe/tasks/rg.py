@@ -230,6 +230,10 @@ class ReasoningGymTask(Task):
                              f"ReasoningGymTask.sample (or written from them by write_rows).")
         return stored
 
+    def has_answer(self, completion: str, example: Example) -> bool:
+        """`extract_answer` found an answer (otherwise `score` is 0 without asking the dataset)."""
+        return extract_answer(completion) is not None
+
     def score(self, completion: str, example: Example) -> float:
         """The dataset's own `score_answer` on the extracted answer, clamped to [0, 1]."""
         answer = extract_answer(completion)
