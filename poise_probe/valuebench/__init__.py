@@ -45,7 +45,10 @@ def run_value_bench(cfg, out: str | Path, *, tasks: list[str], n_train: int, n_e
     say = progress or (lambda msg: log.info(msg))
     t0 = time.perf_counter()
     device = T.select_device(cfg)
-    model, tokenizer = load_policy(cfg.model.path, device=device, dtype=T._param_dtype(cfg))
+    from poise_probe.cli import quiet_library_bars
+
+    with quiet_library_bars():
+        model, tokenizer = load_policy(cfg.model.path, device=device, dtype=T._param_dtype(cfg))
     n_layers = model.config.num_hidden_layers
     layer = cfg.probe.layer if cfg.probe.layer is not None else n_layers // 2
     ctx = BenchContext(cfg, model, tokenizer, device, T._autocast(cfg, device),

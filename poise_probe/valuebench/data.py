@@ -97,13 +97,13 @@ def sample_rollouts(model, tokenizer, prompts: list[Prompt], k: int, *, cfg, see
                                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                max_new_tokens=cfg.rollout.max_completion_length,
                                batch_size=cfg.rollout.generation_batch_size, seed=seed)
-    score = score_rollouts(prompts, comps.texts)                                  # (P, K)
+    score, valid = score_rollouts(prompts, comps.texts)                  # (P, K) each
     flat = score.reshape(-1).float()
     return Rollouts(prompts, ids, [r for row in comps.token_ids for r in row],
                     [t for row in comps.texts for t in row],
                     [t for row in comps.truncated for t in row],
                     torch.arange(len(prompts)).repeat_interleave(k), flat, flat.clone(),
-                    pad_id=tokenizer.pad_token_id)
+                    pad_id=tokenizer.pad_token_id, valid=valid.reshape(-1))
 
 
 def build_set(model, tokenizer, tasks: list[str], n: int, *, split: str, pool: int, mc: int,
@@ -160,7 +160,7 @@ def cut_states(model, tokenizer, bench: BenchSet, mc: int, *, cfg, seed: int) ->
                                    max_new_tokens=budget, batch_size=cfg.rollout.generation_batch_size,
                                    seed=derive_seed(seed, "continue", budget))
         full = [[texts[i] + c for c in comps.texts[j]] for j, i in enumerate(idx)]
-        score = score_rollouts([roll.prompts[i] for i in idx], full)
+        score, _ = score_rollouts([roll.prompts[i] for i in idx], full)
         mc_rewards[idx] = score.numpy()
     return States(np.arange(bench.n_prompts), np.array(rows), np.array(cuts), texts, mc_rewards)
 

@@ -141,6 +141,116 @@ class PromptProbe(_Probe):
         return self._g(ev, ctx)[:, 0]
 
 
+@register("numca")
+class NumcaValue(Estimator):
+    """Numca (RELATED.md A.2.4): the value of the abstract state at the cut (the set of numbers
+    the prefix has shown), from the table of the prompt's pool rollouts (the cut rollout among
+    them, as in SVEB); unseen state: 0. Its prompt value is V(empty set), the pool mean."""
+
+    def prompt_values(self, ev, ctx):
+        return _pool_scores(ev).mean(axis=1)
+
+    def state_values(self, ev, ctx):
+        from poise_probe.methods.numca import build_table, lookup_value, parse_milestones
+
+        texts, scores, out = ev.rollouts.texts, ev.scores, []
+        for s, (p, row) in enumerate(zip(ev.states.prompt, ev.states.rollout)):
+            pool = range(p * ev.pool, (p + 1) * ev.pool)
+            table = build_table((parse_milestones(texts[n])[0], float(scores[n])) for n in pool)
+            numbers, offsets = parse_milestones(texts[row])
+            cut = len(ev.states.prefix_text[s])
+            out.append(lookup_value(table, [x for x, o in zip(numbers, offsets) if o < cut]))
+        return np.array(out)
+
+
+def _step_context(ev: BenchSet, ctx: BenchContext):
+    """The eval pool as one trainer step (what the value methods read)."""
+    import torch
+
+    from poise_probe.value_methods import StepContext
+
+    roll = ev.rollouts
+    lens = torch.tensor([len(r) for r in roll.response_ids])
+    mask = (torch.arange(int(lens.max()))[None, :] < lens[:, None]).float()
+    return StepContext(ctx.cfg, 1, roll, roll.scores.float(), roll.group_ids, mask,
+                       torch.zeros_like(mask), None, ev.features,
+                       np.full(len(lens), np.nan), np.zeros(len(lens), bool), ev.hidden)
+
+
+@register("hista")
+class HistaValue(Estimator):
+    """Hista (RELATED.md A.2.2-A.2.3, the `hista.*` config): at a state, the value of the last
+    boundary before the cut, from the inverse-MinDistance kNN over the pool's prefixes (the cut
+    rollout's own prefixes in its pool as the official code has them, unless
+    hista.exclude_self); its prompt value is the chain's first value, the pool mean."""
+
+    needs_hidden = True
+
+    def prompt_values(self, ev, ctx):
+        return _pool_scores(ev).mean(axis=1)
+
+    def state_values(self, ev, ctx):
+        from poise_probe.methods.hista import Hista
+
+        base = Hista(ctx.cfg).advantages(_step_context(ev, ctx)).baselines.numpy()
+        out = []
+        for row, cut in zip(ev.states.rollout, ev.states.cut):
+            n = len(ev.rollouts.response_ids[row])
+            # the last token is in no segment when hista.zero_last_token (its base is r)
+            t = min(int(cut), n - 2 if ctx.cfg.hista.zero_last_token else n - 1)
+            out.append(base[row, max(t, 0)])
+        return np.array(out, dtype=float)
+
+
+#: passes of a critic over the train rollouts (each `critic.epochs` epochs): the probe is fitted
+#: to convergence in closed form on the same rows, so the critic gets enough passes to fit too
+CRITIC_PASSES = 10
+
+
+class _Critic(Estimator):
+    """A learned critic (`poise_probe.methods.critic`), trained on the train rollouts with the
+    trainer's own update (`critic.*` config) for CRITIC_PASSES passes."""
+
+    method = ""
+
+    def fit(self, train, ctx):
+        from poise_probe.value_methods import VALUE_METHODS
+
+        self.critic = VALUE_METHODS[self.method](ctx.cfg, ctx.model, ctx.tokenizer, ctx.device)
+        step = _step_context(train, ctx)
+        for _ in range(CRITIC_PASSES):
+            self.critic.advantages(step)         # values before the pass (as in training)
+            self.critic.update(step)
+
+    def _baselines(self, ev, ctx) -> np.ndarray:
+        return self.critic.advantages(_step_context(ev, ctx)).baselines.float().numpy()
+
+
+@register("ppo_critic")
+class PromptCriticValue(_Critic):
+    """The paper's critic: a policy-sized copy with a scalar head on the last prompt token,
+    BCE on the rewards (prompt-only, so a state gets its prompt's value)."""
+
+    method = "ppo_critic"
+
+    def prompt_values(self, ev, ctx):
+        return self._baselines(ev, ctx).reshape(ev.n_prompts, ev.pool)[:, 0]
+
+
+@register("ppo_gae")
+class TokenCriticValue(_Critic):
+    """A token-level critic (GAE's V(s_t)): the prompt value is V before the first response
+    token, a state's value V after its prefix."""
+
+    method = "ppo_gae"
+
+    def prompt_values(self, ev, ctx):
+        return self._baselines(ev, ctx)[np.arange(ev.n_prompts) * ev.pool, 0]
+
+    def state_values(self, ev, ctx):
+        return self._baselines(ev, ctx)[ev.states.rollout, ev.states.cut]
+
+
 def default_estimators() -> list[str]:
     """Every registered estimator, in registration order."""
     return list(ESTIMATORS)
