@@ -33,13 +33,21 @@ clean:
 # The probe-study notebooks (notebooks/README.md): capture the tiny reasoner's rollouts (resumes,
 # or only checks, a capture already there), then build notebooks/*.ipynb from their jupytext
 # sources notebooks/NN_*.py and execute them, saving the outputs.
+# The training-ablation notebook (04) reads `poise ablate` runs (6 arms x 3 seeds; finished runs
+# are kept, so a rerun only summarises) and a `poise value-bench` study.
 # NB_RUN: a trainer run directory for the calibration notebook's "over training steps" section.
 NB_DATA ?= notebooks/data/tiny_capture
 NB_RUN ?=
+NB_JOBS ?= 2
+# the tiny reasoner's scale for the value benchmark: a critic lr that moves in 10 passes, and
+# Hista's state grid and distance clamp for 5-30-token responses (docs/methods/hista.md)
+NB_VB_TINY ?= critic.lr=1e-4 hista.min_interval=4 hista.mean_window=2 hista.min_d=0.001
 .PHONY: notebooks
 notebooks: setup
 	$(VENV)/bin/poise probe capture --tasks arith,boolean,code_output --prompts 200 --samples 4 \
 		--out $(NB_DATA)
+	$(VENV)/bin/poise ablate --out notebooks/data/ablation --jobs $(NB_JOBS)
+	$(VENV)/bin/poise value-bench --out notebooks/data/value_bench $(NB_VB_TINY)
 	$(PY) notebooks/build.py --execute --data $(NB_DATA) $(if $(NB_RUN),--run $(NB_RUN))
 
 # the vLLM rollout engine's own environment and tests (make vllm-env, make test-vllm)
