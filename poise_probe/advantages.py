@@ -23,11 +23,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ADV_ESTIMATORS",
     "AdvantageResult",
+    "check_rewards",
     "compute_advantages",
     "filter_groups",
     "masked_whiten",
     "masked_whiten_scale",
     "get_adv_estimator",
+    "group_index",
     "overlong_reward_shaping",
     "poise_with_bootstrap",
     "register_adv_est",
