@@ -50,7 +50,7 @@ ARMS: dict[str, list[str]] = {
 def arm_config(arm: str, seed: int, steps: int, eval_every: int, eval_n: int,
                overrides: list[str] | None = None):
     """The config of one (arm, seed) run: the demo recipe, the arm's estimator, then `overrides`."""
-    from poise_probe.cli import DEMO_OVERRIDES
+    from poise_probe.runtime import DEMO_OVERRIDES
     from poise_probe.config import load_config
 
     if arm not in ARMS:
@@ -87,7 +87,7 @@ def run_ablation(out: str | Path, *, arms: list[str], seeds: list[int], steps: i
                 shutil.rmtree(d)
             todo.append((cfg, d, resume))
     if jobs <= 1:
-        from poise_probe.cli import quiet_library_bars
+        from poise_probe.runtime import quiet_library_bars
         for cfg, d, resume in todo:
             say(f"{d.name}: {'resuming' if resume else 'training'} ({steps} steps)")
             with quiet_library_bars():
@@ -122,7 +122,7 @@ def _train_one(cfg: dict, run_dir: str, resume: bool) -> str:
     from poise_probe.config import from_dict
     from poise_probe.trainer import train
 
-    from poise_probe.cli import quiet_library_bars
+    from poise_probe.runtime import quiet_library_bars
 
     torch.set_num_threads(1)
     with quiet_library_bars():

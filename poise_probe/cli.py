@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import poise_probe
 from poise_probe import __version__
 from poise_probe.cli_args import add_sampling_args
+from poise_probe.runtime import DEMO_OVERRIDES, quiet_library_bars
 
 OVERRIDES_HELP = ("config overrides: section.key=value, a key only one section has "
                   "(adv_estimator=grpo) or a TRL/verl alias (learning_rate=1e-5); values are YAML")
@@ -371,17 +371,6 @@ def _run_ablate(args) -> int:
     return 0
 
 
-#: The demo recipe: the defaults plus what a tiny model on a CPU needs (see poise_tiny.yaml).
-DEMO_OVERRIDES = [
-    "model.path=tiny-reasoner", "rollout.prompts_per_step=32", "rollout.num_generations=2",
-    "optim.lr=5e-5", "optim.warmup_steps=5", "optim.mini_batch_prompts=32",
-    "optim.micro_batch_size=64", "probe.bootstrap_steps=8", "probe.min_steps_to_fit=4",
-    "probe.layer=3", "probe.alpha=10.0",
-    "trainer.total_steps=60", "data.eval_every=0", "data.eval_n=100", "data.eval_samples=8",
-    "trainer.save_every=20",
-]
-
-
 def _run_train(args) -> int:
     from poise_probe.config import load_config
 
@@ -428,26 +417,6 @@ def _train_with_progress(cfg, output, resume: bool, demo: bool = False) -> int:
 
         print(f"open the dashboard: {dashboard_command(run_dir)}")
     return 0
-
-
-@contextlib.contextmanager
-def quiet_library_bars():
-    """transformers' and huggingface_hub's own bars ("Loading weights", "Writing model
-    shards" at each checkpoint) off while the step bar is drawn: they would draw over it."""
-    from huggingface_hub import utils as hub
-    from transformers.utils import logging as hf_logging
-
-    was_on, hub_was_on = hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
-    hf_logging.disable_progress_bar()                # huggingface_hub's too
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()             # huggingface_hub's too
-        if not hub_was_on:
-            hub.disable_progress_bars()
-        elif not was_on:
-            hub.enable_progress_bars()
 
 
 def format_step(step: int, m: dict) -> str:

@@ -77,7 +77,7 @@ def test_library_bars_are_off_while_training_and_restored_after():
     from huggingface_hub.utils import are_progress_bars_disabled
     from transformers.utils import logging as hf_logging
 
-    from poise_probe.cli import quiet_library_bars
+    from poise_probe.runtime import quiet_library_bars
 
     before = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
     with quiet_library_bars():

@@ -92,7 +92,7 @@ def test_round_trip_through_dict():
 
 def test_demo_is_the_poise_tiny_recipe():
     """`poise demo` keeps its settings in the CLI (recipes are not packaged): no drift allowed."""
-    from poise_probe.cli import DEMO_OVERRIDES
+    from poise_probe.runtime import DEMO_OVERRIDES
 
     demo = load_config(None, DEMO_OVERRIDES).to_dict()
     recipe = load_config(RECIPES[0].parent / "poise_tiny.yaml").to_dict()

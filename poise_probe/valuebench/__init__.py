@@ -45,7 +45,7 @@ def run_value_bench(cfg, out: str | Path, *, tasks: list[str], n_train: int, n_e
     say = progress or (lambda msg: log.info(msg))
     t0 = time.perf_counter()
     device = T.select_device(cfg)
-    from poise_probe.cli import quiet_library_bars
+    from poise_probe.runtime import quiet_library_bars
 
     with quiet_library_bars():
         model, tokenizer = load_policy(cfg.model.path, device=device, dtype=T._param_dtype(cfg))

@@ -167,14 +167,15 @@ def _step_context(ev: BenchSet, ctx: BenchContext):
     """The eval pool as one trainer step (what the value methods read)."""
     import torch
 
+    from poise_probe.update import response_mask
     from poise_probe.value_methods import StepContext
 
     roll = ev.rollouts
-    lens = torch.tensor([len(r) for r in roll.response_ids])
-    mask = (torch.arange(int(lens.max()))[None, :] < lens[:, None]).float()
+    mask = response_mask(roll, max(len(r) for r in roll.response_ids))        # (N, T)
+    n = mask.shape[0]
     return StepContext(ctx.cfg, 1, roll, roll.scores.float(), roll.group_ids, mask,
-                       torch.zeros_like(mask), None, ev.features,
-                       np.full(len(lens), np.nan), np.zeros(len(lens), bool), ev.hidden)
+                       torch.zeros_like(mask), None, ev.features, np.full(n, np.nan),
+                       np.zeros(n, bool), ev.hidden)
 
 
 @register("hista")
