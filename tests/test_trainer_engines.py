@@ -87,7 +87,7 @@ def test_vllm_engine_without_vllm_says_how_to_get_it(tiny_model_dir, tmp_path):
 
     spec = importlib.util.find_spec("vllm")
     if spec is not None and spec.origin is not None:  # not a namespace (a folder named vllm)
-        pytest.skip("vllm is installed here; tests/vllm covers it")
+        pytest.skip("vllm is installed here; tests/vllm_engine covers it")
     with pytest.raises(ImportError, match="vllm-env"):
         run(tiny_model_dir, tmp_path / "v", **{"rollout.engine": "vllm"})
     assert RunReader(tmp_path / "v").inferred_status() == "failed"

@@ -1,7 +1,9 @@
-"""tests/vllm run only where vllm is installed (`make test-vllm`, in .venv-vllm).
+"""tests/vllm_engine run only where vllm is installed (`make test-vllm`, in .venv-vllm).
 
 The core environment has no vllm: there pytest does not even collect this folder, so the core
-run neither fails on the import nor reports skips.
+run neither fails on the import nor reports skips. The folder is not named `vllm`: pytest puts
+tests/ on sys.path, where a folder named like a package passes for it (TRL's vLLM check then
+reads the folder as an installed vllm without a version).
 """
 from __future__ import annotations
 
@@ -9,9 +11,6 @@ import importlib.util
 
 
 def _vllm_installed() -> bool:
-    # tests/ is on sys.path, so this very folder passes for a namespace package named `vllm`
-    # (no origin); the real one is a regular package. Never add an __init__.py here: it would
-    # shadow the real vllm.
     spec = importlib.util.find_spec("vllm")
     return spec is not None and spec.origin is not None
 
