@@ -196,6 +196,14 @@ class ProbeConfig:
         _nonneg("probe.bootstrap_steps", self.bootstrap_steps)
         _positive("probe.min_steps_to_fit", self.min_steps_to_fit)
 
+    def resolve_layer(self, n_layers: int, model: object = "the model") -> int:
+        """The decoder block the probe reads: `layer`, or the middle block when None."""
+        layer = self.layer if self.layer is not None else n_layers // 2
+        if not -n_layers <= layer < n_layers:
+            raise ValueError(f"probe.layer={layer} is out of range for {model} with "
+                             f"{n_layers} decoder blocks; choose 0..{n_layers - 1}.")
+        return layer
+
 
 @dataclass
 class OptimConfig:

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from poise_probe.advantages import AdvantageResult
-from poise_probe.config import Config
 from poise_probe.diagnostics import advantage_diagnostics, probe_diagnostics
 from poise_probe.features import TagIds, response_spans
 from poise_probe.probe import ProbeBank, loo_targets
@@ -34,18 +33,18 @@ def sequence_baselines(adv: AdvantageResult, seq_adv: torch.Tensor,
 
 
 def step_metrics(batch: Rollouts, adv: AdvantageResult, seq_adv: torch.Tensor, preds, fitted,
-                 raw, used, entropies, targets, cfg: Config) -> dict:
+                 raw, used, entropies, targets, num_generations: int) -> dict:
     """Reward, probe, advantage and token statistics of one step (slash-grouped names).
 
     `seq_adv` (N,) are the per-rollout advantages (token-level ones averaged per rollout);
-    `targets` (N,) the probe's targets (`probe_targets`).
+    `targets` (N,) the probe's targets (`probe_targets`); `num_generations` the rollouts per
+    prompt (K).
     """
     r = batch.rewards
     g = batch.group_ids
     m: dict = {"reward/mean": float(r.mean()), "reward/std": float(r.std(unbiased=False)),
                "reward/score_mean": float(batch.scores.mean())}
-    k = cfg.rollout.num_generations
-    grouped = r.reshape(-1, k)
+    grouped = r.reshape(-1, num_generations)
     m["batch/frac_reward_zero_std"] = float((grouped.max(1).values == grouped.min(1).values)
                                             .float().mean())
     for d in sorted(set(batch.domains)):

@@ -102,19 +102,11 @@ def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = F
                        "model.dtype=auto (fp32 weights, bf16 autocast) unless memory forbids.")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    n_layers = model.config.num_hidden_layers
-    layer = cfg.probe.layer if cfg.probe.layer is not None else n_layers // 2
-    if not -n_layers <= layer < n_layers:
-        raise ValueError(f"probe.layer={layer} is out of range for {cfg.model.path} with "
-                         f"{n_layers} decoder blocks; choose 0..{n_layers - 1}.")
+    layer = cfg.probe.resolve_layer(model.config.num_hidden_layers, cfg.model.path)
     ref = _reference_model(cfg, device) if cfg.algorithm.kl_coef > 0 else None
     stream = PromptStream(cfg.data.tasks, cfg.data.task_kwargs, seed=cfg.trainer.seed,
                           pool_size=cfg.data.pool_size)
-    hidden = model.config.hidden_size
-    bank = ProbeBank(dict(cfg.probe.buffer_caps), alpha=cfg.probe.alpha,
-                     blocks=(hidden, hidden, 3),
-                     pca_components=(cfg.probe.pca_prompt, cfg.probe.pca_reasoning, None),
-                     min_steps_to_fit=cfg.probe.min_steps_to_fit)
+    bank = ProbeBank.from_config(cfg.probe, model.config.hidden_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
@@ -252,7 +244,7 @@ def train_step(step: int, run: Run) -> dict:
     # 9. diagnostics, rollout table, probe snapshot
     targets = probe_targets(batch)
     metrics.update(step_metrics(batch, adv, seq_adv, preds, fitted, raw, used, entropies,
-                                targets, cfg))
+                                targets, cfg.rollout.num_generations))
     metrics.update(probe_metrics)
     metrics.update(update_metrics)
     if step % cfg.trainer.log_rollouts_every == 0:

@@ -243,6 +243,15 @@ class ProbeBank:
         self.fit_steps: dict[str, int | None] = {name: None for name in domains}
         RidgeProbe(**self._probe_params()).clip_bounds()  # fail early on a bad clip
 
+    @classmethod
+    def from_config(cls, probe, hidden_size: int) -> "ProbeBank":
+        """The bank a run's `probe` config section (`config.ProbeConfig`) describes, for
+        features of a model with `hidden_size` (prompt vector, reasoning vector, 3 entropies)."""
+        return cls(dict(probe.buffer_caps), alpha=probe.alpha,
+                   blocks=(hidden_size, hidden_size, 3),
+                   pca_components=(probe.pca_prompt, probe.pca_reasoning, None),
+                   min_steps_to_fit=probe.min_steps_to_fit)
+
     def _probe_params(self) -> dict:
         return dict(alpha=self.alpha, blocks=self.blocks, pca_components=self.pca_components,
                     clip=self.clip)

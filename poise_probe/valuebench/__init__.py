@@ -49,8 +49,7 @@ def run_value_bench(cfg, out: str | Path, *, tasks: list[str], n_train: int, n_e
 
     with quiet_library_bars():
         model, tokenizer = load_policy(cfg.model.path, device=device, dtype=T._param_dtype(cfg))
-    n_layers = model.config.num_hidden_layers
-    layer = cfg.probe.layer if cfg.probe.layer is not None else n_layers // 2
+    layer = cfg.probe.resolve_layer(model.config.num_hidden_layers, cfg.model.path)
     ctx = BenchContext(cfg, model, tokenizer, device, T._autocast(cfg, device),
                        model.config.hidden_size)
     chosen = [ESTIMATORS[n]() for n in names]
