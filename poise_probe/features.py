@@ -162,6 +162,35 @@ def pack_rollouts(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Se
                        [list(r) for r in response_ids])
 
 
+def packed_from_split(input_ids: Tensor, attention_mask: Tensor, response_width: int
+                      ) -> PackedBatch:
+    """The PackedBatch of rows already laid out as (left-padded prompt | right-padded response).
+
+    That is the layout TRL's GRPOTrainer and verl feed their log-prob forwards: the last
+    `response_width` columns are the response, the ones before it the prompt. Position ids
+    follow the attention mask (as generation numbered the tokens).
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.ndim != 2:
+        raise ValueError(f"input_ids and attention_mask must both be (B, T); got "
+                         f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}.")
+    b, t = input_ids.shape
+    if not 0 < response_width < t:
+        raise ValueError(f"response_width must be in 1..{t - 1} for rows of {t} tokens; got "
+                         f"{response_width}.")
+    ids, attn = input_ids.detach().cpu().long(), attention_mask.detach().cpu().long()
+    p = t - response_width
+    prompt_len = attn[:, :p].sum(-1)
+    resp_mask = attn[:, p:]
+    if bool((prompt_len == 0).any()):
+        raise ValueError("every row needs at least one prompt token (the chat template's); a "
+                         "row's prompt part is all padding.")
+    resp_ids = ids[:, p:]
+    resp_pos = torch.arange(p, t).expand(b, -1) * resp_mask
+    response_ids = [resp_ids[i, :int(n)].tolist() for i, n in enumerate(resp_mask.sum(-1))]
+    return PackedBatch(ids, attn, (attn.cumsum(-1) - 1).clamp(min=0), resp_ids, resp_pos,
+                       resp_mask, p - prompt_len, prompt_len, response_ids)
+
+
 def pooling_weights(batch: PackedBatch, spans: Sequence[Spans],
                     prompt_window: int) -> tuple[Tensor, Tensor]:
     """(B, T) weights whose product with block-L states gives prompt and reasoning vectors."""
@@ -246,6 +275,46 @@ def pooled_block_output(model, layer: int, weights: Sequence[Tensor]):
         yield store
     finally:
         handle.remove()
+
+
+@contextmanager
+def pooled_block_rows(model, layer: int, weights: Sequence[Tensor]):
+    """`pooled_block_output` for a forward run in row chunks (TRL's and verl's micro-batches).
+
+    `weights[k]` covers the whole batch (B, T); the hook's n-th call pools the next rows in
+    order. Yields a list filled, after the forwards, with one (B, d) float32 tensor per weight;
+    fewer rows than B (a forward skipped) raise on exit.
+    """
+    chunks: list[list[Tensor]] = [[] for _ in weights]
+    total = weights[0].shape[0] if weights else 0
+    cursor = [0]
+    out: list[Tensor] = []
+    layers = find_decoder_layers(model)
+    if not -len(layers) <= layer < len(layers):
+        raise ValueError(f"probe layer {layer} is out of range for a model with {len(layers)} "
+                         f"decoder blocks; choose 0..{len(layers) - 1}.")
+
+    def hook(_module, _inputs, output):
+        h = output[0] if isinstance(output, tuple) else output   # (b, T, d)
+        lo, hi = cursor[0], cursor[0] + h.shape[0]
+        if hi > total:
+            raise RuntimeError(f"the hooked forwards saw more than the {total} rows pooled for")
+        hf = h.float()
+        for k, w in enumerate(weights):
+            w = w[lo:hi].to(h.device, torch.float32)
+            chunks[k].append(torch.einsum("bt,btd->bd", w,
+                                          torch.where(w[..., None] != 0, hf, 0.0)))
+        cursor[0] = hi
+
+    handle = layers[layer].register_forward_hook(hook)
+    try:
+        yield out
+    finally:
+        handle.remove()
+    if cursor[0] != total:
+        raise RuntimeError(f"the hooked forwards pooled {cursor[0]} of {total} rows; the forward "
+                           f"must run over every row once")
+    out.extend(torch.cat(c) for c in chunks)
 
 
 def _base_and_head(model):
