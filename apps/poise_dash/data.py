@@ -1,5 +1,7 @@
 """Reading one run's files for the dashboard, through `poise_probe.rundir` only: its metrics,
-rollout tables, eval reports, config and meta.
+rollout tables, eval reports, config and meta. A run is a run directory (`RunReader`) or a run
+made elsewhere, a TRL output folder or a verl dump (`rundir.external`, read-only, no eval
+reports or probe snapshots); `rundir.open_run` opens either.
 
 - Metrics are tailed: `MetricsTail` keeps a `RunReader` whose `new_metrics()` reads only the
   bytes appended since the last refresh; a rewrite (resume truncation) starts over.
@@ -24,7 +26,7 @@ from poise_dash.analysis import (
     per_step,
     target_column,
 )
-from poise_probe.rundir import RunReader, step_name
+from poise_probe.rundir import ExternalRun, RunReader, open_run, step_name
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ class MetricsTail:
 
     def __init__(self, path: str):
         self.path = path
-        self.reader = RunReader(path)
+        self.reader = open_run(path)
+        self.external = isinstance(self.reader, ExternalRun)
         self.records: list[dict] = []
         self._frame: pd.DataFrame | None = None
         self._steps: pd.DataFrame | None = None
@@ -80,6 +83,9 @@ class MetricsTail:
             self._frame, self._steps = None, None
         self.last_new = len(new)
         self.refreshes += 1
+        if self.external:  # no metrics.jsonl: steps its tables could not give
+            self.warnings.extend(self.reader.warnings)
+            return len(new)
         ident = file_identity(metrics)
         if ident is None:
             self.warnings.append("metrics.jsonl does not exist yet: no step has been logged.")
@@ -131,25 +137,52 @@ def tail(path: str) -> MetricsTail:
 # rollouts (cached per file identity)
 
 
+def reader_of(run: str) -> RunReader | ExternalRun:
+    """The run's reader: the one its metrics tail holds, else a new one (`open_run`)."""
+    t = tails().get(run)
+    return t.reader if t is not None else open_run(run)
+
+
+def is_external(run: str) -> bool:
+    """Whether `run` was made elsewhere (TRL, verl): read-only, no eval reports or probes."""
+    try:
+        return isinstance(reader_of(run), ExternalRun)
+    except (OSError, ValueError):
+        return False
+
+
+def table_path(run: str, step: int) -> Path:
+    """The file a step's rollout table is read from."""
+    reader = reader_of(run)
+    if isinstance(reader, ExternalRun):
+        return reader.rollout_file(step)
+    return Path(run, "rollouts", f"{step_name(step)}.parquet")
+
+
+def tables_hint(run: str) -> str:
+    """Where a run's rollout tables would be, for a page that finds none."""
+    try:
+        reader = reader_of(run)
+    except (OSError, ValueError):
+        return "rollouts/step_XXXXXX.parquet"
+    return reader.tables if isinstance(reader, ExternalRun) else "rollouts/step_XXXXXX.parquet"
+
+
 def rollout_files(run: str) -> list[tuple[int, tuple[int, int]]]:
     """(step, (mtime_ns, size)) of each committed rollout table, ascending."""
     try:
-        steps = _rollout_steps(run)
+        steps = reader_of(run).rollout_steps()
     except (OSError, ValueError):
         return []
     out = []
     for step in steps:
-        ident = file_identity(Path(run, "rollouts", f"{step_name(step)}.parquet"))
+        try:
+            ident = file_identity(table_path(run, step))
+        except (OSError, ValueError):
+            continue
         if ident is not None:
             out.append((step, ident))
     return out
-
-
-def _rollout_steps(run: str) -> list[int]:
-    # RunReader validates meta.json on construction; the tails already hold one per run.
-    t = tails().get(run)
-    reader = t.reader if t is not None else RunReader(run)
-    return reader.rollout_steps()
 
 
 @st.cache_data(max_entries=4096, show_spinner=False)
@@ -157,6 +190,10 @@ def read_rollout_step(run: str, step: int, ident: tuple[int, int],
                       columns: tuple[str, ...] | None) -> pd.DataFrame:
     """One step's rollouts (the columns of `columns` it has; all when None)."""
     del ident  # part of the cache key only
+    reader = open_run(run)
+    if isinstance(reader, ExternalRun):  # its table is derived in memory: select what it has
+        df = reader.rollouts(step)
+        return df if columns is None else df[[c for c in columns if c in df]]
     path = Path(run, "rollouts", f"{step_name(step)}.parquet")
     if columns is not None:
         try:
@@ -164,7 +201,7 @@ def read_rollout_step(run: str, step: int, ident: tuple[int, int],
         except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...
             raise ValueError(f"{path}: cannot read parquet ({err})") from err
         columns = tuple(c for c in columns if c in names)
-    return RunReader(run).rollouts(step, columns=list(columns) if columns is not None else None)
+    return reader.rollouts(step, columns=list(columns) if columns is not None else None)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -229,8 +266,8 @@ def calibration_history(run: str, n_bins: int | None = None) -> tuple[pd.DataFra
 
 
 def _read_steps(run: str, steps: list[int], columns: list[str]) -> tuple[pd.DataFrame, list[str]]:
-    """Several steps' tables in one RunReader pass; on a bad table, the others and a warning."""
-    reader = RunReader(run)
+    """Several steps' tables in one reader pass; on a bad table, the others and a warning."""
+    reader = open_run(run)
     for cols in (columns, [c for c in columns if c != "score"]):
         try:
             return reader.all_rollouts(steps=steps, columns=cols), []
@@ -256,14 +293,14 @@ def _read_steps(run: str, steps: list[int], columns: list[str]) -> tuple[pd.Data
 @st.cache_data(max_entries=1024, show_spinner=False)
 def _eval_report(run: str, step: int, ident: tuple[int, int]) -> dict:
     del ident
-    return RunReader(run).eval_report(step)
+    return open_run(run).eval_report(step)
 
 
 def eval_reports(run: str) -> dict[int, dict]:
     """{step: report} of every eval/step_XXXXXX.json (unreadable ones skipped)."""
     out = {}
     try:
-        steps = RunReader(run).eval_steps()
+        steps = reader_of(run).eval_steps()
     except (OSError, ValueError):
         return out
     for step in steps:
@@ -282,12 +319,15 @@ def run_config(run: str, ident: tuple[int, int] | None) -> dict:
     """config.yaml of a run ({} when missing)."""
     del ident
     try:
-        return RunReader(run).config
+        return open_run(run).config
     except FileNotFoundError:
         return {}
 
 
 def config_of(run: str) -> dict:
+    """config.yaml of a run; a run made elsewhere: what its folder says of its settings."""
+    if is_external(run):
+        return reader_of(run).config   # a few small files, read on each call
     return run_config(run, file_identity(Path(run, "config.yaml")))
 
 
@@ -301,5 +341,11 @@ def _run_meta(run: str, ident: tuple[int, int] | None) -> dict:
 
 
 def meta_of(run: str) -> dict:
-    """meta.json of a run ({} when missing or unreadable), read again only when it changes."""
+    """meta.json of a run ({} when missing or unreadable), read again only when it changes;
+    a run made elsewhere: what its reader derives (source, model, algorithm)."""
+    if is_external(run):
+        try:
+            return reader_of(run).meta
+        except (OSError, ValueError):
+            return {}
     return _run_meta(run, file_identity(Path(run, "meta.json")))

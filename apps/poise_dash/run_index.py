@@ -1,5 +1,6 @@
 """The runs under the dashboard's folders: finding them and summarising each for the Runs page
-(status, meta and headline numbers), through `poise_probe.rundir` and `poise_dash.data`."""
+(status, meta and headline numbers), through `poise_probe.rundir` and `poise_dash.data`. Runs
+made elsewhere (TRL output folders, verl rollout dumps) are found too, with their source."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,18 +11,22 @@ import streamlit as st
 
 from poise_dash.analysis import best_eval
 from poise_dash.data import tail
-from poise_probe.rundir import find_runs
+from poise_probe.rundir import find_all_runs
 
 STATUS_ICONS = {"running": "🟢", "finished": "✅", "failed": "❌", "crashed": "💥",
-                "unreadable": "⚠️"}
+                "ended": "⏹️", "unreadable": "⚠️"}
+#: Where a run came from: a poise_probe run directory, or a run made elsewhere (read-only).
+SOURCE_LABELS = {"poise": "poise", "trl": "TRL", "verl": "verl"}
 
 
 @dataclass(frozen=True)
 class RunRef:
-    """A run directory (absolute path) and the label the pages show for it."""
+    """A run (absolute path), the label the pages show for it and its source ("poise" for a
+    run directory, "trl" or "verl" for a run made elsewhere)."""
 
     path: str
     label: str
+    source: str = "poise"
 
 
 @st.cache_data(ttl=5, show_spinner=False)
@@ -30,19 +35,19 @@ def discover_runs(roots: tuple[str, ...]) -> tuple[list[RunRef], list[str]]:
     warnings, found = [], []
     for root in roots:
         try:
-            runs = find_runs(root)
+            runs = find_all_runs(root)
         except FileNotFoundError as err:
             warnings.append(str(err))
             continue
         base = Path(root).resolve()
-        for run in runs:
+        for run, source in runs:
             run = run.resolve()
             if run == base:
                 label = base.name
             else:
                 rel = str(run.relative_to(base))
                 label = rel if len(roots) == 1 else f"{base.name}/{rel}"
-            found.append(RunRef(str(run), label))
+            found.append(RunRef(str(run), label, source))
     unique: dict[str, RunRef] = {}
     for ref in found:
         unique.setdefault(ref.path, ref)

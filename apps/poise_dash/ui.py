@@ -89,6 +89,11 @@ def unreadable_reason(path: str) -> str:
     return "unknown error"
 
 
+def source_name(ref: RunRef) -> str:
+    """"TRL", "verl" or "poise": where a run came from, as the Runs page names it."""
+    return run_index.SOURCE_LABELS.get(ref.source, ref.source)
+
+
 def run_label(ref: RunRef, with_status: bool = True) -> str:
     if not with_status:
         return ref.label
@@ -140,7 +145,8 @@ def sidebar() -> None:
     picked = sb.multiselect("Runs", options, key="sel_runs",
                             format_func=lambda p: labels.get(p, p),
                             help="The runs the Training page overlays and the other pages "
-                                 "offer. 🟢 running · ✅ finished · 💥 crashed · ❌ failed")
+                                 "offer. 🟢 running · ✅ finished · 💥 crashed · ❌ failed · "
+                                 "⏹️ ended (a TRL or verl run no longer written)")
     if picked:
         sb.caption(" · ".join(run_label(by_path()[p]) for p in picked if p in labels))
     running = sum(status_of(p) == "running" for p in options)
@@ -201,9 +207,11 @@ def require_selection() -> list[RunRef]:
 
 def no_runs_help() -> None:
     where = ", ".join(roots()) or "no folder given"
-    st.info(f"No run directory (a folder holding meta.json) under {where}. Start one with "
-            f"`poise demo` or `poise train --output runs/NAME`, then open "
-            f"`poise dashboard runs`, or add a folder in the sidebar.")
+    st.info(f"No run under {where}: no run directory (a folder holding meta.json), TRL "
+            f"output folder (completions/completions_NNNNN.parquet or trainer_state.json) or "
+            f"verl rollout dump (<step>.jsonl). Start one with `poise demo` or `poise train "
+            f"--output runs/NAME`, then open `poise dashboard runs`, or add a folder in the "
+            f"sidebar.")
 
 
 def focus_run(refs: list[RunRef], key: str, label: str = "Run",

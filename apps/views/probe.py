@@ -1,5 +1,7 @@
 """Probe: predicted value against the observed outcome (or the probe's own regression target, the
-siblings' mean outcome, as the run stored it) for a step window, calibration over training."""
+siblings' mean outcome, as the run stored it) for a step window, calibration over training.
+Runs made elsewhere (TRL, verl) show here when they logged the probe's columns (`probe_pred`,
+e.g. through this project's integrations); the page says so when they did not."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +28,7 @@ def body() -> None:
     ui.show_warnings(t.warnings)
     files = data.rollout_files(ref.path)
     if not files:
-        st.info(f"{ref.label} has no rollout table yet (rollouts/step_XXXXXX.parquet).")
+        st.info(f"{ref.label} has no rollout table yet ({data.tables_hint(ref.path)}).")
         return
     steps = [s for s, _ in files]
     ui.query_default("pr_window", "window",
@@ -38,6 +40,16 @@ def body() -> None:
     in_window = [s for s in steps if window[0] <= s <= window[1]]
     df, warnings = data.load_rollouts(ref.path, in_window)
     ui.show_warnings(warnings)
+    if "probe_pred" not in df:   # a run made elsewhere without this project's probe
+        st.info(f"{ref.label} ({ui.source_name(ref)}) logged no probe predictions (no "
+                f"`probe_pred` column in steps {window[0]}–{window[1]}), so there is nothing "
+                f"to calibrate. A TRL or verl run has them when it trained through "
+                f"poise_probe's integrations (`poise_probe.integrations.trl`, `.verl`); its "
+                f"rewards and completions are on the Training and Rollouts pages.")
+        return
+    if "domain" not in df:       # one group for the per-domain charts
+        st.caption(f"{ref.label} logs no domain: every rollout is shown as domain `all`.")
+        df = df.assign(domain="all")
     domains = sorted(df["domain"].dropna().unique()) if "domain" in df else []
     st.session_state["pr_domains"] = [d for d in st.session_state.get("pr_domains", [])
                                       if d in domains]

@@ -2,7 +2,8 @@
 split into the tokens the run stored (`token_pieces`; older runs: see poise_dash.tokens) and
 coloured by per-token entropy (or, for runs that store them, by the sampled tokens' log-probs or
 probabilities, the engine's log-probs and their gap, or per-token advantages), with the think and
-answer spans and the probe's window marked."""
+answer spans and the probe's window marked. Runs made elsewhere (TRL, verl) lack some columns
+(probe, per-token values, domain, advantage for verl): the controls that need them are off."""
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ def _group_param(v: str) -> tuple[int, int]:
 def body() -> None:
     files = data.rollout_files(ref.path)
     if not files:
-        st.info(f"{ref.label} has no rollout table yet (rollouts/step_XXXXXX.parquet).")
+        st.info(f"{ref.label} has no rollout table yet ({data.tables_hint(ref.path)}).")
         return
     steps = [s for s, _ in files]
     ui.query_default("ro_steps", "steps", _steps_param)
@@ -58,15 +59,26 @@ def body() -> None:
         st.info("No rollout in this step window.")
         return
     target = analysis.target_column(df)
-    df = df.assign(_probe_err=(df[target] - df["probe_pred"]).abs(),
-                   _abs_adv=df["advantage"].abs())
+    has_probe, has_adv = "probe_pred" in df, "advantage" in df   # a run made elsewhere may lack
+    df = df.assign(_probe_err=(df[target] - df["probe_pred"]).abs() if has_probe else np.nan,
+                   _abs_adv=df["advantage"].abs() if has_adv else np.nan)
 
-    domains = sorted(df["domain"].dropna().unique())
+    domains = sorted(df["domain"].dropna().unique()) if "domain" in df else []
     st.session_state["ro_domains"] = [d for d in st.session_state.get("ro_domains", [])
                                       if d in domains]
-    dom = c2.multiselect("domain", domains, key="ro_domains", placeholder="all")
-    signs = c3.pills("advantage sign", SIGNS, selection_mode="multi", key="ro_signs")
-    sort = c4.selectbox("sort by", list(analysis.SORTS), key="ro_sort")
+    dom = c2.multiselect("domain", domains, key="ro_domains", placeholder="all",
+                         disabled=not domains,
+                         help=None if domains else "this run logs no domain")
+    if not has_adv:
+        st.session_state["ro_signs"] = []
+    signs = c3.pills("advantage sign", SIGNS, selection_mode="multi", key="ro_signs",
+                     disabled=not has_adv,
+                     help=None if has_adv else "this run logs no advantage (verl's dumps)")
+    sorts = [name for name, (col, _) in analysis.SORTS.items()
+             if col is None or (col in df and df[col].notna().any())]
+    if st.session_state.get("ro_sort") not in sorts:
+        st.session_state.pop("ro_sort", None)
+    sort = c4.selectbox("sort by", sorts, key="ro_sort")
 
     c1, c2, c3, c4 = st.columns([3, 2, 3, 1.4])
     rmin, rmax = float(np.nanmin(df["reward"])), float(np.nanmax(df["reward"]))
@@ -80,9 +92,12 @@ def body() -> None:
                                  **ui.default("ro_reward", (rmin, rmax)))
     else:
         c1.caption(f"every reward is {rmin:g}")
+    if not has_probe:
+        st.session_state["ro_minerr"] = 0.0
     min_err = c2.slider(f"|{target} − probe| ≥", 0.0, 1.0, step=0.05, key="ro_minerr",
-                        **ui.default("ro_minerr", 0.0),
-                        help="probe error: how far the probe's prediction is from the outcome")
+                        **ui.default("ro_minerr", 0.0), disabled=not has_probe,
+                        help="probe error: how far the probe's prediction is from the outcome"
+                             + ("" if has_probe else " (this run logs no probe predictions)"))
     text = c3.text_input("search prompt, completion, answer", key="ro_q",
                          placeholder="free text (case-insensitive)")
     regex = c4.toggle("regex", key="ro_regex")
@@ -156,8 +171,8 @@ def _group_view(view: pd.DataFrame, event, target: str) -> None:
 
     def label(g: tuple[int, int]) -> str:
         row = first.loc[g]
-        return (f"step {g[0]} · group {g[1]} · {row['domain']} · {row.get('task', '')} · "
-                f"rewards {rewards.loc[g]}")
+        return (f"step {g[0]} · group {g[1]} · {row.get('domain', '–')} · "
+                f"{row.get('task', '')} · rewards {rewards.loc[g]}")
 
     step, gid = c_sel.selectbox(f"prompt ({len(groups)} matching)", groups, key="ro_group",
                                 format_func=label)
@@ -173,8 +188,11 @@ def _group_view(view: pd.DataFrame, event, target: str) -> None:
         return
     head = g.iloc[0]
     st.code(head["prompt"], language=None, wrap_lines=True)
-    facts = [f"prompt id `{head['prompt_id']}`", f"domain **{head['domain']}**",
-             f"source `{head['data_source']}`"]
+    facts = [f"prompt id `{head['prompt_id']}`"] if "prompt_id" in g else []
+    if "domain" in g:
+        facts.append(f"domain **{head['domain']}**")
+    if "data_source" in g:
+        facts.append(f"source `{head['data_source']}`")
     if "ground_truth" in g:
         gt = str(head["ground_truth"])
         facts.append(f"reference answer `{gt[:200]}`" + ("…" if len(gt) > 200 else ""))
@@ -257,6 +275,14 @@ def _move_group(delta: int) -> None:
             st.session_state["ro_group"] = groups[j]
 
 
+def _value(r: pd.Series, column: str) -> float:
+    """A row's number, NaN where the run has no such column (runs made elsewhere)."""
+    try:
+        return float(r[column]) if column in r else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def _fmt(v) -> str:
     return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
 
@@ -264,17 +290,19 @@ def _fmt(v) -> str:
 def _rollout_card(r: pd.Series, al: tokens.Alignment, k: int, vmax: float, show_tags: bool,
                   scale: token_view.Scale) -> None:
     idx = int(r["rollout_idx"])
-    adv, reward, base = float(r["advantage"]), float(r["reward"]), float(r["baseline"])
+    adv, reward, base = _value(r, "advantage"), _value(r, "reward"), _value(r, "baseline")
     tone = "🟩" if adv > analysis.ZERO_ADVANTAGE else "🟥" if adv < -analysis.ZERO_ADVANTAGE \
         else "⬜"
-    st.markdown(f"**{tone} rollout {idx}** · {int(r['num_tokens'])} tokens"
-                + (" · ✂️ truncated" if bool(r["truncated"]) else ""))
+    n_tokens = _value(r, "num_tokens")
+    st.markdown(f"**{tone} rollout {idx}**"
+                + (f" · {int(n_tokens)} tokens" if np.isfinite(n_tokens) else "")
+                + (" · ✂️ truncated" if "truncated" in r and bool(r["truncated"]) else ""))
     m = st.columns(4)
     m[0].metric("reward", _fmt(reward),
                 help=f"verifier score {_fmt(float(r['score']))}" if "score" in r else None)
     target = (f"; its training target, the mean score of the sibling rollouts, is "
               f"{_fmt(float(r['probe_target']))}" if "probe_target" in r else "")
-    m[1].metric("probe pred", _fmt(float(r["probe_pred"])),
+    m[1].metric("probe pred", _fmt(_value(r, "probe_pred")),
                 help="the probe's predicted expected reward from this rollout's own features"
                      + target)
     m[2].metric("baseline", _fmt(base),

@@ -31,6 +31,7 @@ def overview() -> None:
     table = pd.DataFrame([{
         "selected": s.ref.path in sel,
         "run": s.ref.label,
+        "source": run_index.SOURCE_LABELS.get(s.ref.source, s.ref.source),
         "status": f"{run_index.STATUS_ICONS.get(s.status, '')} {s.status}",
         "algorithm": s.algorithm,
         "model": s.model,
@@ -47,13 +48,20 @@ def overview() -> None:
     counts = table["status"].str.split().str[-1].value_counts()
     st.caption(" · ".join(f"{run_index.STATUS_ICONS.get(k, '')} {v} {k}"
                           for k, v in counts.items())
-               + " — tick rows and press *Compare ticked* to select them in the sidebar")
+               + " — tick rows and press *Compare ticked* to select them in the sidebar"
+               + (" · TRL and verl runs are read-only imports of their logs (no eval reports "
+                  "or probe snapshots; ⏹️ ended: no file changed for 5 minutes)"
+                  if any(s.ref.source != "poise" for s in summaries) else ""))
     event = st.dataframe(
         table, key="runs_table", hide_index=True, on_select="rerun",
         selection_mode="multi-row", width="stretch",
         column_config={
             "selected": st.column_config.CheckboxColumn("sel", width="small",
                                                         help="selected in the sidebar"),
+            "source": st.column_config.TextColumn(
+                "source", width="small",
+                help="poise: a poise_probe run directory; TRL: a GRPOTrainer output_dir "
+                     "(completion logs, trainer_state.json); verl: a rollout_data_dir dump"),
             "best held-out acc": st.column_config.ProgressColumn(
                 "best held-out acc", min_value=0.0, max_value=1.0, format="%.3f"),
             "last held-out acc": st.column_config.NumberColumn(format="%.3f"),

@@ -86,6 +86,9 @@ def body() -> None:
     tails = {r.path: data.tail(r.path) for r in refs}
     for r in refs:
         ui.show_warnings(tails[r.path].warnings, prefix=f"**{r.label}**: ")
+        if tails[r.path].external:
+            for note in tails[r.path].reader.notes:
+                st.caption(f"**{r.label}** ({ui.source_name(r)}): {note}")
     runs = [(r.label, tails[r.path].steps) for r in refs]
     runs = [(label, steps) for label, steps in runs if len(steps)]
     if not runs:

@@ -8,8 +8,18 @@ part. Folders (probe snapshots, checkpoints) are built under a hidden temp name 
 
 Modules: `schema` (version, columns, step names, plain values), `fs` (atomic writes, step
 listings, process liveness, timestamps), `writer` (`RunWriter`), `reader` (`RunReader`,
-`find_runs`).
+`find_runs`), `external` (TRL output folders and verl rollout dumps read through `RunReader`'s
+interface: `open_run`, `find_all_runs`).
 """
+from poise_probe.rundir.external import (
+    ExternalRun,
+    FoundRun,
+    TrlRun,
+    VerlDumpRun,
+    find_all_runs,
+    open_run,
+    run_source,
+)
 from poise_probe.rundir.fs import (
     atomic_dir,
     atomic_path,
@@ -33,17 +43,24 @@ __all__ = [
     "ROLLOUT_COLUMNS",
     "SCHEMA_VERSION",
     "STATUSES",
+    "ExternalRun",
+    "FoundRun",
     "RunReader",
     "RunWriter",
+    "TrlRun",
+    "VerlDumpRun",
     "as_rollout_table",
     "atomic_dir",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "find_all_runs",
     "find_runs",
     "git_commit",
     "now_iso",
+    "open_run",
     "parse_iso",
+    "run_source",
     "step_name",
 ]
