@@ -52,3 +52,6 @@ notebooks: setup
 
 # the vLLM rollout engine's own environment and tests (make vllm-env, make test-vllm)
 include Makefile.vllm
+
+# the verl integration's own environment and tests (make verl-env, make test-verl)
+include Makefile.verl
