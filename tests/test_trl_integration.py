@@ -305,3 +305,15 @@ def test_resume_from_a_plain_trl_checkpoint_is_refused(tmp_path, tiny_model_dir)
     ckpt.mkdir()
     with pytest.raises(FileNotFoundError, match="was not written by PoiseGRPOTrainer"):
         tr._restore_bank(ckpt)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", ["runs", "training", "probe", "rollouts"])
+def test_the_dashboard_opens_a_trl_run(trl_run, monkeypatch, page):
+    """`poise dashboard OUTPUT_DIR` finds the run directory inside TRL's output and every page
+    renders it."""
+    from dashboard_fixtures import chart_titles, open_app
+
+    at = open_app(monkeypatch, trl_run, page=page)
+    if page in ("training", "probe"):
+        assert chart_titles(at), f"the {page} page drew no chart"
