@@ -184,6 +184,13 @@ class ProbeConfig:
     bootstrap_steps: int = opt(16, "RLOO (the sibling's reward as baseline) up to this step")
     min_steps_to_fit: int = opt(8, 'a buffer bucket is fitted once it holds this many steps')
     snapshot_every: int = opt(10, 'write the fitted probes every this many steps (and at the last)')
+    refit_threads: int | None = opt(
+        1, "BLAS threads of the probe's refit (a few ms of small products: on few cores more "
+           "threads fight torch's pool); None: the libraries' default")
+    shadow: bool = opt(
+        True, "estimators that do not use the probe still fit it on the same features, so the "
+              "dashboard compares its predictions (the shadow probe); false skips the feature "
+              "capture, prediction and refit there")
 
     def __post_init__(self):
         _positive("probe.prompt_window", self.prompt_window)
@@ -195,6 +202,8 @@ class ProbeConfig:
                              f"{self.buffer_caps}.")
         _nonneg("probe.bootstrap_steps", self.bootstrap_steps)
         _positive("probe.min_steps_to_fit", self.min_steps_to_fit)
+        if self.refit_threads is not None:
+            _positive("probe.refit_threads", self.refit_threads)
 
     def resolve_layer(self, n_layers: int, model: object = "the model") -> int:
         """The decoder block the probe reads: `layer`, or the middle block when None."""
@@ -215,6 +224,10 @@ class OptimConfig:
     max_grad_norm: float = opt(1.0, 'gradient-norm clip')
     mini_batch_prompts: int = opt(32, 'prompts per optimizer step (verl ppo_mini_batch_size)')
     micro_batch_size: int = opt(16, 'rollouts per forward; gradients accumulate over a mini-batch')
+    micro_batch_tokens: int | None = opt(
+        None, "padded tokens per forward at most (rows sorted by length, so a micro-batch holds "
+              "rows of similar length and pads less); None: fixed micro_batch_size chunks in "
+              "batch order")
     ppo_epochs: int = opt(1, "passes over each step's batch")
     logit_chunk_tokens: int = opt(
         2048, "response tokens per LM-head chunk (bounds the logits' memory)")
@@ -226,6 +239,8 @@ class OptimConfig:
         _positive("optim.mini_batch_prompts", self.mini_batch_prompts)
         _positive("optim.micro_batch_size", self.micro_batch_size)
         _positive("optim.ppo_epochs", self.ppo_epochs)
+        if self.micro_batch_tokens is not None:
+            _positive("optim.micro_batch_tokens", self.micro_batch_tokens)
         _positive("optim.logit_chunk_tokens", self.logit_chunk_tokens)
         _nonneg("optim.warmup_steps", self.warmup_steps)
 
@@ -276,6 +291,11 @@ class Config:
                 f"(baselines or the probe's targets come from sibling rollouts); got "
                 f"{self.rollout.num_generations}.")
         a = self.algorithm
+        if a.adv_estimator in probed and not self.probe.shadow:
+            raise ValueError(f"probe.shadow=false turns the probe off, but "
+                             f"adv_estimator={a.adv_estimator} computes its baseline with it; "
+                             f"drop probe.shadow=false, or pick an estimator without the probe "
+                             f"(grpo, dapo, rloo, ...).")
         if a.adv_estimator in probed and (a.dynamic_sampling or a.overlong_shaping):
             raise ValueError(
                 f"algorithm.dynamic_sampling and algorithm.overlong_shaping must be false for "

@@ -10,7 +10,8 @@ __all__ = ["DEMO_OVERRIDES", "quiet_library_bars"]
 DEMO_OVERRIDES = [
     "model.path=tiny-reasoner", "rollout.prompts_per_step=32", "rollout.num_generations=2",
     "optim.lr=5e-5", "optim.warmup_steps=5", "optim.mini_batch_prompts=32",
-    "optim.micro_batch_size=64", "probe.bootstrap_steps=8", "probe.min_steps_to_fit=4",
+    "optim.micro_batch_size=64", "optim.micro_batch_tokens=2048",
+    "probe.bootstrap_steps=8", "probe.min_steps_to_fit=4",
     "probe.layer=3", "probe.alpha=10.0",
     "trainer.total_steps=60", "data.eval_every=0", "data.eval_n=100", "data.eval_samples=8",
     "trainer.save_every=20",

@@ -63,7 +63,7 @@ class Run:
     engine: RolloutEngine
     ref: torch.nn.Module | None          # reference policy for a KL penalty, if any
     tags: TagIds
-    layer: int                           # the decoder block the probe reads
+    layer: int | None                    # the decoder block the probe reads (None: no probe)
     writer: RunWriter
     device: torch.device
     autocast: object
@@ -102,7 +102,9 @@ def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = F
                        "model.dtype=auto (fp32 weights, bf16 autocast) unless memory forbids.")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    layer = cfg.probe.resolve_layer(model.config.num_hidden_layers, cfg.model.path)
+    # the decoder block the features are pooled from; None: no probe at all (probe.shadow=false)
+    layer = cfg.probe.resolve_layer(model.config.num_hidden_layers, cfg.model.path) \
+        if cfg.probe.shadow else None
     ref = _reference_model(cfg, device) if cfg.algorithm.kl_coef > 0 else None
     stream = PromptStream(cfg.data.tasks, cfg.data.task_kwargs, seed=cfg.trainer.seed,
                           pool_size=cfg.data.pool_size)
@@ -200,9 +202,14 @@ def train_step(step: int, run: Run) -> dict:
 
     # 4. probe predictions with the probe fitted on *earlier* steps only (frozen here)
     t = time.perf_counter()
-    phi = feats.numpy()
     domains = batch.domains
-    preds, fitted, raw = st.bank.predict(phi, domains)
+    if feats is not None:
+        phi = feats.numpy()
+        preds, fitted, raw = st.bank.predict(phi, domains)
+    else:                                               # probe.shadow=false: no probe
+        n = len(batch.response_ids)
+        phi, preds, raw = None, np.full(n, np.nan), np.full(n, np.nan)
+        fitted = np.zeros(n, dtype=bool)
     timing["probe"] = time.perf_counter() - t
 
     # 5. advantages, frozen before this batch can touch the probe
@@ -221,7 +228,8 @@ def train_step(step: int, run: Run) -> dict:
 
     # 6. only now the batch enters the probe buffers; refit from scratch
     t = time.perf_counter()
-    probe_metrics = st.bank.update(phi, batch.scores.numpy(), gids.numpy(), domains, step)
+    probe_metrics = {} if phi is None else \
+        st.bank.update(phi, batch.scores.numpy(), gids.numpy(), domains, step)
     timing["probe"] += time.perf_counter() - t
     if method is not None:                  # the method learns from the batch (critic, table)
         t = time.perf_counter()
@@ -251,7 +259,8 @@ def train_step(step: int, run: Run) -> dict:
         run.writer.write_rollouts(step, rollout_table(
             step, batch, preds, adv, seq_adv, entropies, old_log_probs, targets,
             run.tokenizer, run.tags, cfg.probe.reasoning_window))
-    if step % cfg.probe.snapshot_every == 0 or step == cfg.trainer.total_steps:
+    if run.layer is not None and (step % cfg.probe.snapshot_every == 0
+                                  or step == cfg.trainer.total_steps):
         run.writer.write_probe_snapshot(step, probe_snapshot(st.bank),
                                         {"layer": run.layer, "step": step})
     timing["step"] = time.perf_counter() - t_step

@@ -27,11 +27,12 @@ def old_policy_pass(model, batch: Rollouts, cfg: Config, tags: TagIds, layer,
     rows = [(batch.prompt_ids[g], batch.response_ids[n])
             for n, g in enumerate(batch.group_ids.tolist())]
     lps, ents, feats, hidden = [], [], [], []
-    mb = cfg.optim.micro_batch_size
+    chunks = micro_batches([len(p) for p, _ in rows], [len(r) for _, r in rows],
+                           cfg.optim.micro_batch_size, cfg.optim.micro_batch_tokens)
     was_training = model.training
     model.eval()
-    for s in range(0, len(rows), mb):
-        chunk = rows[s:s + mb]
+    for idx in chunks:
+        chunk = [rows[i] for i in idx]
         packed = pack_rollouts([p for p, _ in chunk], [r for _, r in chunk], batch.pad_id)
         spans = [response_spans(r, tags, cfg.probe.reasoning_window) for _, r in chunk]
         with autocast:
@@ -48,10 +49,40 @@ def old_policy_pass(model, batch: Rollouts, cfg: Config, tags: TagIds, layer,
             feats.append(out.features.float().cpu())
     model.train(was_training)
     width = max(x.shape[1] for x in lps)
-    return {"log_probs": torch.cat([_pad_to(x, width) for x in lps]),
-            "entropies": torch.cat([_pad_to(x, width) for x in ents]) if ents else None,
-            "features": torch.cat(feats) if feats else None,
-            "hidden": hidden if keep_hidden else None}
+    back = torch.argsort(torch.tensor([i for idx in chunks for i in idx]))  # batch order again
+    return {"log_probs": torch.cat([_pad_to(x, width) for x in lps])[back],
+            "entropies": torch.cat([_pad_to(x, width) for x in ents])[back] if ents else None,
+            "features": torch.cat(feats)[back] if feats else None,
+            "hidden": [hidden[i] for i in back.tolist()] if keep_hidden else None}
+
+
+def micro_batches(prompt_lens, response_lens, max_rows: int,
+                  max_tokens: int | None = None) -> list[list[int]]:
+    """Row indices (into the given lengths) of each forward's micro-batch, covering every row once.
+
+    Without `max_tokens`: consecutive chunks of `max_rows`, in order. With it: rows longest first,
+    and a micro-batch grows while it has at most `max_rows` rows and rows x (longest prompt +
+    longest response) <= `max_tokens`, the padded (rows, P + R) layout a forward computes on
+    (a row over the budget goes alone). Rows of like length share a forward, so less of the
+    compute is padding; the gradient is the same, as micro-batch losses are summed.
+    """
+    n = len(prompt_lens)
+    if max_tokens is None:
+        return [list(range(s, min(s + max_rows, n))) for s in range(0, n, max_rows)]
+    order = sorted(range(n), key=lambda i: (-(prompt_lens[i] + response_lens[i]), i))
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    p_max = r_max = 0
+    for i in order:
+        p, r = max(p_max, prompt_lens[i]), max(r_max, response_lens[i])
+        if cur and (len(cur) + 1 > max_rows or (len(cur) + 1) * (p + r) > max_tokens):
+            chunks.append(cur)
+            cur, p, r = [], prompt_lens[i], response_lens[i]
+        cur.append(i)
+        p_max, r_max = p, r
+    if cur:
+        chunks.append(cur)
+    return chunks
 
 
 def response_mask(batch: Rollouts, width: int) -> torch.Tensor:
@@ -79,8 +110,11 @@ def ppo_update(model, batch: Rollouts, advantages, old_log_probs, ref_log_probs,
             n_tokens = sum(len(batch.response_ids[n]) for n in rows)
             optimizer.zero_grad(set_to_none=True)
             mb = {"actor/pg_loss": 0.0, "actor/kl_loss": 0.0, "actor/entropy_loss": 0.0}
-            for m in range(0, len(rows), cfg.optim.micro_batch_size):
-                micro = rows[m:m + cfg.optim.micro_batch_size]
+            chunks = micro_batches([len(batch.prompt_ids[batch.group_ids[n]]) for n in rows],
+                                   [len(batch.response_ids[n]) for n in rows],
+                                   cfg.optim.micro_batch_size, cfg.optim.micro_batch_tokens)
+            for idx in chunks:
+                micro = [rows[i] for i in idx]
                 packed = pack_rollouts([batch.prompt_ids[batch.group_ids[n]] for n in micro],
                                        [batch.response_ids[n] for n in micro], batch.pad_id)
                 r = packed.resp_mask.shape[1]

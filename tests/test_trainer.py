@@ -132,6 +132,43 @@ def test_every_estimator_runs_on_the_same_code_path(tiny_model_dir, tmp_path, es
             "this seed drops no group: the refill above went untested; pick a seed that does"
 
 
+def test_shadow_probe_can_be_turned_off_for_estimators_without_the_probe(tiny_model_dir,
+                                                                         tmp_path, monkeypatch):
+    """probe.shadow=false: no feature capture (the old-policy pass gets no layer), no prediction,
+    no refit, no probe metrics or snapshots; the rest of the run is unchanged."""
+    import poise_probe.trainer as trainer_mod
+
+    layers = []
+    real = trainer_mod.old_policy_pass
+
+    def spy(model, batch, cfg, tags, layer, *a, **kw):
+        layers.append(layer)
+        return real(model, batch, cfg, tags, layer, *a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "old_policy_pass", spy)
+    on = RunReader(run(tiny_model_dir, tmp_path / "on", **{"algorithm.adv_estimator": "grpo"}))
+    assert set(layers) == {0}
+    layers.clear()
+    off = RunReader(run(tiny_model_dir, tmp_path / "off", **{"algorithm.adv_estimator": "grpo",
+                                                             "probe.shadow": "false"}))
+    assert set(layers) == {None}
+    m_on = [m for m in on.metrics() if "reward/mean" in m]
+    m_off = [m for m in off.metrics() if "reward/mean" in m]
+    assert len(m_off) == 3 and all(CONTRACT_KEYS <= set(m) for m in m_off)
+    assert any("probe/mae" in m for m in m_on) and not any("probe/mae" in m for m in m_off)
+    assert not any(k.startswith("probe/") and k != "probe/used_frac" for m in m_off for k in m)
+    # the shadow never touches the advantages: the same rewards and updates either way
+    assert [m["reward/mean"] for m in m_on] == [m["reward/mean"] for m in m_off]
+    assert on.rollouts(3)["probe_pred"].notna().any()
+    assert off.rollouts(3)["probe_pred"].isna().all()
+    assert on.probe_snapshot_steps() == [1, 2, 3] and off.probe_snapshot_steps() == []
+
+
+def test_shadow_off_with_a_probe_estimator_is_refused():
+    with pytest.raises(ValueError, match="probe.shadow=false.*adv_estimator=poise"):
+        load_config(None, ["probe.shadow=false"])
+
+
 def test_probe_never_sees_the_batch_before_its_baselines(tiny_model_dir, tmp_path, monkeypatch):
     import poise_probe.trainer as tr
     from poise_probe.probe import ProbeBank
@@ -286,3 +323,16 @@ def test_cli_overrides_may_follow_the_options(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--output", str(tmp_path / "x"), "--no-such-flag"])
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("page", ["runs", "training", "probe", "rollouts"])
+def test_the_dashboard_opens_a_run_without_the_shadow_probe(tiny_model_dir, tmp_path,
+                                                            monkeypatch, page):
+    """A GRPO run with probe.shadow=false has no probe metrics, predictions or snapshots: every
+    page still renders it."""
+    from dashboard_fixtures import open_app
+
+    out = run(tiny_model_dir, tmp_path / "off", **{"algorithm.adv_estimator": "grpo",
+                                                   "probe.shadow": "false",
+                                                   "trainer.total_steps": 2})
+    open_app(monkeypatch, out, page=page)

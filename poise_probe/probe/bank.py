@@ -5,6 +5,8 @@ Paper: POISE (arXiv 2605.07579), "The probe g".
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import time
 from collections.abc import Hashable, Mapping, Sequence
@@ -229,7 +231,7 @@ class ProbeBank:
 
     def __init__(self, domains: Mapping[str, int] | None = None, *, alpha: float = 0.01,
                  blocks=None, pca_components=None, clip=(0.0, 1.0),
-                 min_steps_to_fit: int = 8, dtype=np.float32):
+                 min_steps_to_fit: int = 8, dtype=np.float32, fit_threads: int | None = None):
         domains = dict(DEFAULT_DOMAINS if domains is None else domains)
         if not domains:
             raise ValueError("domains must name at least one bucket, e.g. {'all': 4096}.")
@@ -238,6 +240,11 @@ class ProbeBank:
         self.alpha, self.blocks, self.pca_components, self.clip = (
             alpha, blocks, pca_components, clip)
         self.min_steps_to_fit = int(min_steps_to_fit)
+        if fit_threads is not None and int(fit_threads) < 1:
+            raise ValueError(f"fit_threads must be >= 1 or None; got {fit_threads}.")
+        # BLAS/OpenMP threads of a refit (None: the libraries' own); a refit is a few ms of
+        # small products, and on few cores more threads fight torch's pool rather than help
+        self.fit_threads = None if fit_threads is None else int(fit_threads)
         self.buffers = {name: ProbeBuffer(cap, dtype=dtype) for name, cap in domains.items()}
         self.probes: dict[str, RidgeProbe | None] = {name: None for name in domains}
         self.fit_steps: dict[str, int | None] = {name: None for name in domains}
@@ -250,7 +257,13 @@ class ProbeBank:
         return cls(dict(probe.buffer_caps), alpha=probe.alpha,
                    blocks=(hidden_size, hidden_size, 3),
                    pca_components=(probe.pca_prompt, probe.pca_reasoning, None),
-                   min_steps_to_fit=probe.min_steps_to_fit)
+                   min_steps_to_fit=probe.min_steps_to_fit, fit_threads=probe.refit_threads)
+
+    def _fit_threads(self):
+        if self.fit_threads is None:
+            return contextlib.nullcontext()
+        from threadpoolctl import threadpool_limits
+        return threadpool_limits(limits=self.fit_threads)
 
     def _probe_params(self) -> dict:
         return dict(alpha=self.alpha, blocks=self.blocks, pca_components=self.pca_components,
@@ -341,7 +354,9 @@ class ProbeBank:
                 buf.add(Xb, rb, idb, step)
                 if len(buf.steps) >= self.min_steps_to_fit:
                     t0 = time.perf_counter()
-                    self.probes[bucket] = RidgeProbe(**self._probe_params()).fit(buf.X, buf.y)
+                    with self._fit_threads():
+                        self.probes[bucket] = RidgeProbe(**self._probe_params()).fit(buf.X,
+                                                                                     buf.y)
                     fit_s = time.perf_counter() - t0
                     self.fit_steps[bucket] = int(step)
                     refit = True
