@@ -67,7 +67,8 @@ if REDUCED:
     SMALL = ["rollout.prompts_per_step=4", "optim.mini_batch_prompts=4",
              "optim.micro_batch_size=8", "rollout.max_completion_length=32"]
 else:
-    ARMS, SEEDS, STEPS, EVAL_EVERY, EVAL_N = list(ablate.ARMS), [0, 1, 2], 60, 15, 50
+    ARMS, SEEDS, STEPS, EVAL_EVERY, EVAL_N = ["poise", "poise_self", "poise_prompt", "grpo_8",
+                                             "rloo_2", "ppo_critic"], [0, 1, 2], 60, 15, 50
     SMALL = []
 
 pio.renderers.default = "plotly_mimetype+notebook_connected"

@@ -10,6 +10,10 @@ generated tokens, which is the fair axis):
 - `poise_prompt`: the prompt-only probe (unbiased, the paper's 47.5% ablation);
 - `grpo_8`: GRPO with eight rollouts per prompt (a quarter of the prompts per step);
 - `rloo_2`: RLOO with two rollouts per prompt;
+- `rloo_8`: RLOO with eight rollouts per prompt (a quarter of the prompts per step);
+- `dapo_8`: DAPO with eight rollouts per prompt, dynamic sampling (up to three generation rounds
+  to fill the batch with prompts whose rewards differ) and overlong shaping, as `dapo_tiny.yaml`;
+  its extra rounds cost generated tokens, which the token axis counts;
 - `ppo_critic`: PPO with the paper's prompt-only critic (a policy-sized copy).
 
 Each (arm, seed) is a normal run directory under `<out>/runs/`, so the dashboard compares them
@@ -35,7 +39,8 @@ __all__ = ["ARMS", "run_ablation", "summarise"]
 log = logging.getLogger(__name__)
 ANALYSIS = "training_ablation"
 
-#: arm -> overrides on top of the demo recipe; every arm samples 64 rollouts per step
+#: arm -> overrides on top of the demo recipe; every arm samples 64 rollouts per step (dapo_8
+#: up to three times that, when its dynamic sampling needs more rounds)
 ARMS: dict[str, list[str]] = {
     "poise": ["algorithm.adv_estimator=poise"],
     "poise_self": ["algorithm.adv_estimator=poise_self"],
@@ -43,6 +48,12 @@ ARMS: dict[str, list[str]] = {
     "grpo_8": ["algorithm.adv_estimator=grpo", "rollout.num_generations=8",
                "rollout.prompts_per_step=8", "optim.mini_batch_prompts=8"],
     "rloo_2": ["algorithm.adv_estimator=rloo"],
+    "rloo_8": ["algorithm.adv_estimator=rloo", "rollout.num_generations=8",
+               "rollout.prompts_per_step=8", "optim.mini_batch_prompts=8"],
+    "dapo_8": ["algorithm.adv_estimator=dapo", "algorithm.dynamic_sampling=true",
+               "algorithm.max_gen_rounds=3", "algorithm.overlong_shaping=true",
+               "algorithm.overlong_buffer_len=16", "rollout.num_generations=8",
+               "rollout.prompts_per_step=8", "optim.mini_batch_prompts=8"],
     "ppo_critic": ["algorithm.adv_estimator=ppo_critic"],
 }
 
