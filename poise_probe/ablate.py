@@ -34,7 +34,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-__all__ = ["ARMS", "run_ablation", "summarise"]
+from poise_probe.stats import t95
+
+__all__ = ["ARMS", "run_ablation", "step_tokens", "summarise"]
 
 log = logging.getLogger(__name__)
 ANALYSIS = "training_ablation"
@@ -140,10 +142,18 @@ def _train_one(cfg: dict, run_dir: str, resume: bool) -> str:
         return str(train(from_dict(cfg), run_dir, resume=resume))
 
 
-def _t95(n: int) -> float:
-    """Two-sided 95% Student-t quantile for n values (n - 1 degrees of freedom)."""
-    from scipy.stats import t
-    return float(t.ppf(0.975, n - 1)) if n > 1 else math.nan
+def step_tokens(m: pd.DataFrame) -> pd.Series:
+    """Tokens each step generated (one row per step of a metrics frame): `tokens/sampled`
+    (every generation round, groups DAPO's dynamic sampling dropped included); for runs written
+    before it was logged, `tokens/generated` scaled by `batch/prompts_sampled / batch/prompts`
+    (the dropped groups taken as long as the kept ones), else `tokens/generated`."""
+    def col(name):
+        return pd.to_numeric(m[name], errors="coerce") if name in m else \
+            pd.Series(np.nan, index=m.index)
+
+    kept = col("tokens/generated")
+    scale = (col("batch/prompts_sampled") / col("batch/prompts")).fillna(1.0)
+    return col("tokens/sampled").fillna(kept * scale).fillna(0.0)
 
 
 def summarise(dirs: dict[tuple[str, int], Path]) -> dict[str, pd.DataFrame]:
@@ -155,8 +165,7 @@ def summarise(dirs: dict[tuple[str, int], Path]) -> dict[str, pd.DataFrame]:
     curves, runs = [], []
     for (arm, seed), d in dirs.items():
         m = RunReader(d).metrics_frame().groupby("step", sort=True).last().reset_index()
-        tokens = pd.to_numeric(m.get("tokens/generated", pd.Series(0.0, index=m.index)),
-                               errors="coerce").fillna(0).cumsum()
+        tokens = step_tokens(m).cumsum()
         if "eval/accuracy" in m:
             ev = m["eval/accuracy"].notna()
             for step, tok, acc in zip(m["step"][ev], tokens[ev], m["eval/accuracy"][ev]):
@@ -178,7 +187,7 @@ def summarise(dirs: dict[tuple[str, int], Path]) -> dict[str, pd.DataFrame]:
         for col in ("accuracy_end", "var_reduction"):
             v = g[col].dropna()
             mean = float(v.mean()) if len(v) else math.nan
-            half = _t95(len(v)) * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 \
+            half = t95(len(v)) * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 \
                 else math.nan
             row.update({col: mean, f"{col}_lo": mean - half, f"{col}_hi": mean + half})
         rows.append(row)

@@ -298,6 +298,13 @@ def murphy_decomposition(pred, outcome) -> dict[str, float]:
 
 # -- intervals --------------------------------------------------------------------------------
 
+def t95(n: int) -> float:
+    """Two-sided 95% Student-t quantile for a mean of n values (n - 1 degrees of freedom); NaN
+    below two values."""
+    from scipy.stats import t
+    return float(t.ppf(0.975, n - 1)) if n > 1 else math.nan
+
+
 def wilson_interval(k: float, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval for k successes in n Bernoulli trials."""
     phat = k / n

@@ -227,3 +227,17 @@ def test_two_step_training_uses_the_probe_from_step_two(tiny_model_dir, tmp_path
             np.testing.assert_allclose(grp.baseline, grp.baseline.iloc[0], atol=1e-5)
         state = load_checkpoint(r.checkpoints()[-1][1])["value_method"]
         assert "all/buffer/X" in state["bank"] and state["bank"]["all/buffer/X"].shape[1] == 32
+
+
+def test_step_tokens_counts_what_was_sampled():
+    """tokens/sampled where logged; older runs: the kept tokens scaled by sampled/kept prompts."""
+    import pandas as pd
+
+    from poise_probe.ablate import step_tokens
+
+    m = pd.DataFrame({"tokens/generated": [100.0, 100.0, 80.0, 50.0],
+                      "tokens/sampled": [100.0, 250.0, None, None],
+                      "batch/prompts_sampled": [8, 16, 16, None],
+                      "batch/prompts": [8, 8, 8, None]})
+    assert step_tokens(m).tolist() == [100.0, 250.0, 160.0, 50.0]
+    assert step_tokens(pd.DataFrame({"tokens/generated": [3.0]})).tolist() == [3.0]

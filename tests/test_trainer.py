@@ -112,6 +112,11 @@ def test_every_estimator_runs_on_the_same_code_path(tiny_model_dir, tmp_path, es
     for m in steps:
         assert CONTRACT_KEYS <= set(m)
         assert m["probe/used_frac"] == 0.0          # the shadow probe never sets baselines
+        if estimator != "dapo":                      # one round, nothing dropped
+            assert m["tokens/sampled"] == m["tokens/generated"]
+        else:                                       # dropped groups' tokens were generated too
+            assert m["tokens/sampled"] >= m["tokens/generated"]
+            assert (m["tokens/sampled"] > m["tokens/generated"]) == (m["batch/groups_dropped"] > 0)
     if estimator == "dapo":
         want, max_rounds, k = 4, 3, 4   # prompts_per_step, max_gen_rounds (default), K
         for m in steps:

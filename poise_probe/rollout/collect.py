@@ -61,7 +61,7 @@ def collect_rollouts(step: int, cfg: Config, engine: RolloutEngine, tokenizer,
     prompts: list[Prompt] = []
     prompt_ids, resp, texts, trunc, rew, sco, lps, val = [], [], [], [], [], [], [], []
     timing["gen"] = timing["reward"] = 0.0
-    rounds, dropped, seen_groups = 0, 0, 0
+    rounds, dropped, seen_groups, sampled_tokens = 0, 0, 0, 0
     dynamic = cfg.algorithm.dynamic_sampling
     while len(prompts) < want and rounds < (cfg.algorithm.max_gen_rounds if dynamic else 1):
         rounds += 1
@@ -70,6 +70,7 @@ def collect_rollouts(step: int, cfg: Config, engine: RolloutEngine, tokenizer,
         ids = encode_prompts(tokenizer, [p.example.prompt for p in new])
         comps = engine.generate(ids, k, sampling, seed=derive_seed(cfg.trainer.seed, step, rounds))
         timing["gen"] += time.perf_counter() - t
+        sampled_tokens += comps.num_tokens
         t = time.perf_counter()
         score, ok = score_rollouts(new, comps.texts)            # (P_new, K) rewards, validity
         r = score
@@ -108,7 +109,8 @@ def collect_rollouts(step: int, cfg: Config, engine: RolloutEngine, tokenizer,
     valid = torch.cat(val).reshape(-1)
     stats = {"batch/gen_rounds": rounds, "batch/prompts": len(prompts),
              "batch/prompts_sampled": seen_groups, "batch/groups_dropped": dropped,
-             "batch/valid_frac": float(valid.float().mean())}
+             "batch/valid_frac": float(valid.float().mean()),
+             "tokens/sampled": sampled_tokens}     # every round's, dropped groups included
     return Rollouts(prompts, prompt_ids, resp, texts, trunc, gids, rewards, scores, rounds,
                     stats, tokenizer.pad_token_id,
                     None if any(x is None for x in lps) else lps, valid)
