@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from poise_probe.config_docs import ALIASES
+from poise_probe.config_fields import above as _above
 from poise_probe.config_fields import choice as _choice
 from poise_probe.config_fields import nonneg as _nonneg
 from poise_probe.config_fields import opt
@@ -65,6 +66,7 @@ class DataConfig:
         _positive("data.eval_n", self.eval_n)
         _positive("data.eval_samples", self.eval_samples)
         _nonneg("data.eval_every", self.eval_every)
+        _nonneg("data.eval_temperature", self.eval_temperature)
         _positive("data.pool_size", self.pool_size)
 
 
@@ -93,9 +95,7 @@ class RolloutConfig:
     def __post_init__(self):
         _positive("rollout.prompts_per_step", self.prompts_per_step)
         _positive("rollout.num_generations", self.num_generations)
-        if self.temperature <= 0:
-            raise ValueError(f"rollout.temperature must be > 0 for RL sampling; got "
-                             f"{self.temperature}.")
+        _above("rollout.temperature", self.temperature)   # RL samples: no greedy
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p must be in (0, 1]; got {self.top_p}.")
         _positive("rollout.max_completion_length", self.max_completion_length)
@@ -158,11 +158,13 @@ class AlgorithmConfig:
         if not (0 < self.epsilon < 1 and self.epsilon_high > 0):
             raise ValueError(f"algorithm.epsilon must be in (0, 1) and epsilon_high > 0; got "
                              f"{self.epsilon} and {self.epsilon_high}.")
-        if self.clip_ratio_c <= 1:
+        if not self.clip_ratio_c > 1:
             raise ValueError(f"algorithm.clip_ratio_c must be > 1 (dual clip); got "
                              f"{self.clip_ratio_c}.")
         _positive("algorithm.max_gen_rounds", self.max_gen_rounds)
         _nonneg("algorithm.kl_coef", self.kl_coef)
+        _nonneg("algorithm.entropy_coeff", self.entropy_coeff)
+        _nonneg("algorithm.overlong_penalty_factor", self.overlong_penalty_factor)
 
 
 @dataclass
@@ -195,13 +197,13 @@ class ProbeConfig:
     def __post_init__(self):
         _positive("probe.prompt_window", self.prompt_window)
         _positive("probe.reasoning_window", self.reasoning_window)
-        if self.alpha <= 0:
-            raise ValueError(f"probe.alpha must be > 0; got {self.alpha}.")
+        _above("probe.alpha", self.alpha)
         if not self.buffer_caps or any(v < 2 for v in self.buffer_caps.values()):
             raise ValueError(f"probe.buffer_caps needs at least one bucket with >= 2 rows; got "
                              f"{self.buffer_caps}.")
         _nonneg("probe.bootstrap_steps", self.bootstrap_steps)
         _positive("probe.min_steps_to_fit", self.min_steps_to_fit)
+        _positive("probe.snapshot_every", self.snapshot_every)
         if self.refit_threads is not None:
             _positive("probe.refit_threads", self.refit_threads)
 
@@ -233,8 +235,13 @@ class OptimConfig:
         2048, "response tokens per LM-head chunk (bounds the logits' memory)")
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0; got {self.lr}.")
+        _above("optim.lr", self.lr)
+        _nonneg("optim.weight_decay", self.weight_decay)
+        # a negative norm would flip the clipped gradient's sign (the run would ascend)
+        _above("optim.max_grad_norm", self.max_grad_norm)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), [b1, b2] as AdamW "
+                             f"takes them (e.g. [0.9, 0.999]); got {self.betas}.")
         _choice("optim.lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _positive("optim.mini_batch_prompts", self.mini_batch_prompts)
         _positive("optim.micro_batch_size", self.micro_batch_size)

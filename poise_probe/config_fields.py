@@ -1,6 +1,8 @@
 """How a config field is declared and checked: shared by `config` and `config_methods`."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import field
 
 
@@ -18,15 +20,21 @@ def choice(key: str, value: str, options: tuple[str, ...]) -> None:
 
 
 def positive(key: str, value: int) -> None:
-    if value < 1:
+    if not value >= 1:                                  # NaN fails too
         raise ValueError(f"{key} must be >= 1; got {value}.")
 
 
 def nonneg(key: str, value: float) -> None:
-    if value < 0:
-        raise ValueError(f"{key} must be >= 0; got {value}.")
+    if not (value >= 0 and math.isfinite(value)):        # NaN and inf fail too
+        raise ValueError(f"{key} must be >= 0 and finite; got {value}.")
+
+
+def above(key: str, value: float, low: float = 0.0) -> None:
+    """A finite number strictly above `low` (a rate, a strength, a temperature)."""
+    if not (value > low and math.isfinite(value)):
+        raise ValueError(f"{key} must be > {low:g} and finite; got {value}.")
 
 
 def unit(key: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
+    if not 0.0 <= value <= 1.0:                          # NaN fails too
         raise ValueError(f"{key} must lie in [0, 1]; got {value}.")

@@ -166,3 +166,37 @@ def test_config_show_names_sources_and_help(capsys):
     assert rows["optim.lr"]["help"]
     assert main(["config", "show", "optim.lrr=1"]) == 2
     assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, match", [
+    # a negative clip norm flips the clipped gradient's sign: the run would ascend
+    ("optim.max_grad_norm=-1", r"optim.max_grad_norm must be > 0 and finite; got -1"),
+    ("optim.max_grad_norm=0", r"optim.max_grad_norm must be > 0 and finite; got 0"),
+    # NaN passed every `x <= 0` check before
+    ("optim.lr=.nan", r"optim.lr must be > 0 and finite; got nan"),
+    ("optim.lr=.inf", r"optim.lr must be > 0 and finite; got inf"),
+    ("probe.alpha=.nan", r"probe.alpha must be > 0 and finite; got nan"),
+    ("rollout.temperature=.nan", r"rollout.temperature must be > 0 and finite; got nan"),
+    ("algorithm.clip_ratio_c=.nan", r"algorithm.clip_ratio_c must be > 1"),
+    ("algorithm.kl_coef=.nan", r"algorithm.kl_coef must be >= 0 and finite; got nan"),
+    ("optim.weight_decay=-5", r"optim.weight_decay must be >= 0 and finite; got -5"),
+    ("optim.betas=[2.0, 0.5]", r"optim.betas must be two numbers in \[0, 1\).*got \[2.0, 0.5\]"),
+    ("optim.betas=[0.9]", r"optim.betas must be two numbers in \[0, 1\).*got \[0.9\]"),
+    ("data.eval_temperature=-1", r"data.eval_temperature must be >= 0 and finite; got -1"),
+    ("probe.snapshot_every=-3", r"probe.snapshot_every must be >= 1; got -3"),
+    ("probe.snapshot_every=0", r"probe.snapshot_every must be >= 1; got 0"),
+    ("algorithm.entropy_coeff=-1", r"algorithm.entropy_coeff must be >= 0 and finite; got -1"),
+    ("algorithm.overlong_penalty_factor=-1",
+     r"algorithm.overlong_penalty_factor must be >= 0 and finite; got -1"),
+])
+def test_out_of_range_and_non_finite_values_are_refused(override, match):
+    """Values that used to pass and break training silently (issue 16) name the field, the value
+    and the range."""
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [override])
+
+
+def test_edge_values_that_are_fine_still_load():
+    cfg = load_config(None, ["optim.weight_decay=0", "data.eval_temperature=0",
+                             "optim.betas=[0.0, 0.999]", "algorithm.entropy_coeff=0"])
+    assert cfg.optim.betas == [0.0, 0.999] and cfg.data.eval_temperature == 0
