@@ -159,7 +159,7 @@ class _PassCounter:
         self.mod, self.real, self.steps = trainer_mod, trainer_mod.old_policy_pass, []
 
     def __enter__(self):
-        from poise_probe.update import micro_batches
+        from poise_probe.update import micro_batches, padded_tokens
 
         def counted(model, batch, cfg, *a, **kw):
             if kw.get("with_entropy", True):             # the policy's pass, not the reference's
@@ -167,9 +167,8 @@ class _PassCounter:
                 r = [len(x) for x in batch.response_ids]
                 chunks = micro_batches(p, r, cfg.optim.micro_batch_size,
                                        cfg.optim.micro_batch_tokens)
-                padded = sum(len(c) * (max(p[i] for i in c) + max(r[i] for i in c))
-                             for c in chunks)
-                self.steps.append({"useful": sum(p) + sum(r), "padded": padded,
+                self.steps.append({"useful": sum(p) + sum(r),
+                                   "padded": padded_tokens(chunks, p, r),
                                    "prompt": sum(p), "response": sum(r)})
             return self.real(model, batch, cfg, *a, **kw)
 
@@ -222,7 +221,7 @@ def trl_run(steps: int, out: Path) -> dict:
     from poise_probe.models import resolve_model_path
 
     path = str(resolve_model_path("tiny-reasoner"))
-    times, logs = [], []
+    times, logged = [], []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -235,7 +234,6 @@ def trl_run(steps: int, out: Path) -> dict:
             if logs and "completions/mean_length" in logs:
                 logged.append(dict(logs))
 
-    logged = logs
     args = GRPOConfig(
         output_dir=str(out), max_steps=steps, learning_rate=5e-5, num_generations=8,
         per_device_train_batch_size=64, max_completion_length=96, temperature=1.0, beta=0.0,
@@ -249,7 +247,7 @@ def trl_run(steps: int, out: Path) -> dict:
     with contextlib.redirect_stdout(sys.stderr):        # TRL prints its logs without tqdm
         trainer.train()
     rows = [{"timing_s/step": t, "tokens/generated": lg["completions/mean_length"] * 64}
-            for t, lg in zip(times, logs)]
+            for t, lg in zip(times, logged)]
     return {"steps": rows[1:]}
 
 

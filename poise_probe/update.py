@@ -85,6 +85,13 @@ def micro_batches(prompt_lens, response_lens, max_rows: int,
     return chunks
 
 
+def padded_tokens(chunks, prompt_lens, response_lens) -> int:
+    """Tokens the forwards over `chunks` compute on: rows x (longest prompt + longest response)
+    per micro-batch, the padded layout `pack_rollouts` builds."""
+    return sum(len(c) * (max(prompt_lens[i] for i in c) + max(response_lens[i] for i in c))
+               for c in chunks)
+
+
 def response_mask(batch: Rollouts, width: int) -> torch.Tensor:
     """(N, width) 1 where rollout n has a response token."""
     lens = torch.tensor([len(r) for r in batch.response_ids])

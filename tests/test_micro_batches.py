@@ -150,3 +150,28 @@ def test_update_gradient_is_the_same_with_sorted_micro_batches(tiny_model_dir):
         assert logs["actor/grad_norm"] > 0
         params[budget] = torch.cat([p.detach().flatten() for p in m.parameters()])
     torch.testing.assert_close(params[None], params[150], atol=1e-6, rtol=1e-5)
+
+
+def test_refit_runs_on_the_configured_blas_threads(monkeypatch):
+    """probe.refit_threads=1: every BLAS/OpenMP pool holds one thread during a refit, and the
+    pools are back to their own counts after it."""
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    from poise_probe.probe.bank import ProbeBank
+    from poise_probe.probe.ridge import RidgeProbe
+
+    seen, real = [], RidgeProbe.fit
+
+    def fit(self, X, y):
+        seen.append({p["num_threads"] for p in threadpool_info()})
+        return real(self, X, y)
+
+    monkeypatch.setattr(RidgeProbe, "fit", fit)
+    before = [p["num_threads"] for p in threadpool_info()]
+    bank = ProbeBank({"all": 64}, alpha=1.0, min_steps_to_fit=1, fit_threads=1)
+    rng = np.random.default_rng(0)
+    bank.update(rng.normal(size=(8, 5)), rng.integers(0, 2, 8).astype(float),
+                np.repeat(np.arange(4), 2), ["math"] * 8, step=1)
+    assert seen == [{1}]
+    assert [p["num_threads"] for p in threadpool_info()] == before

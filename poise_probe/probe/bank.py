@@ -6,6 +6,7 @@ Paper: POISE (arXiv 2605.07579), "The probe g".
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import logging
 import time
@@ -220,6 +221,14 @@ class ProbeBuffer:
 DEFAULT_DOMAINS: Mapping[str, int] = {"math": 4096, "code": 3072, "other": 3072}
 
 
+@functools.lru_cache(maxsize=1)
+def _thread_pools():
+    """The process's BLAS/OpenMP pools, found once at the first refit (a new scan per refit,
+    as `threadpool_limits` does, cost 2.5 ms here: most of a tiny step's probe time)."""
+    from threadpoolctl import ThreadpoolController
+    return ThreadpoolController()
+
+
 class ProbeBank:
     """Per-domain probes and buffers routed by domain; refit from scratch every step.
 
@@ -262,8 +271,7 @@ class ProbeBank:
     def _fit_threads(self):
         if self.fit_threads is None:
             return contextlib.nullcontext()
-        from threadpoolctl import threadpool_limits
-        return threadpool_limits(limits=self.fit_threads)
+        return _thread_pools().limit(limits=self.fit_threads)
 
     def _probe_params(self) -> dict:
         return dict(alpha=self.alpha, blocks=self.blocks, pca_components=self.pca_components,
