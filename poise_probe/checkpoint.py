@@ -24,6 +24,14 @@ def save_checkpoint(writer: RunWriter, state: TrainState, tokenizer) -> Path:
     """Write `state` as the checkpoint of its step; returns the committed folder."""
     from safetensors.numpy import save_file
 
+    bad = [name for name, p in state.model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        last = writer.latest_checkpoint()
+        raise FloatingPointError(
+            f"step {state.step}: the policy's weights hold NaN or inf ({bad[0]}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); this checkpoint was not "
+            f"written (the last good one: step {last[0] if last else 'none'}). Lower optim.lr "
+            f"or optim.max_grad_norm and resume.")
     sd = state.state_dict()
     with writer.checkpoint(state.step) as d:
         state.model.save_pretrained(d / "policy", safe_serialization=True)
@@ -36,20 +44,49 @@ def save_checkpoint(writer: RunWriter, state: TrainState, tokenizer) -> Path:
 
 
 def load_checkpoint(folder: Path) -> dict:
-    """A checkpoint folder read back into `TrainState.state_dict()`'s form (tensors on CPU)."""
+    """A checkpoint folder read back into `TrainState.state_dict()`'s form (tensors on CPU).
+    A truncated or corrupted file raises a ValueError that names it."""
     from safetensors.numpy import load_file
     from safetensors.torch import load_file as load_torch
 
+    folder = Path(folder)
     weights = {}
     for f in sorted((folder / "policy").glob("*.safetensors")):
-        weights.update(load_torch(str(f), device="cpu"))
+        weights.update(_read(f, lambda p: load_torch(str(p), device="cpu")))
     if not weights:
         raise FileNotFoundError(f"checkpoint {folder} has no policy/*.safetensors; it is not a "
                                 f"checkpoint this trainer wrote.")
     # CPU first: RNG states must stay CPU byte tensors; the optimizer moves its state itself
-    rest = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
-    return {"policy": weights, "probe_bank": load_file(str(folder / "probe_bank.safetensors")),
-            **rest}
+    rest = _read(folder / "trainer_state.pt",
+                 lambda p: torch.load(p, map_location="cpu", weights_only=False))
+    if not isinstance(rest, dict):
+        raise ValueError(f"{folder / 'trainer_state.pt'} holds a {type(rest).__name__}, not the "
+                         f"trainer's state dict; {_DAMAGED}")
+    bank = _read(folder / "probe_bank.safetensors", lambda p: load_file(str(p)))
+    return {"policy": weights, "probe_bank": bank, **rest}
+
+
+_DAMAGED = ("the checkpoint is damaged: delete its folder to resume from the one before (or, "
+            "if it is the only one, --resume restarts the run from step 0)")
+
+
+def _read(path: Path, loader):
+    """`loader(path)`, with a missing, truncated or corrupted file as one clear error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; {_DAMAGED}")
+    try:
+        return loader(path)
+    except Exception as exc:   # safetensors, pickle, zip and EOF errors all mean "damaged"
+        raise ValueError(f"{path} is unreadable ({type(exc).__name__}: {str(exc)[:200]}); "
+                         f"{_DAMAGED}") from exc
+
+
+def load_checkpoint_into(state: TrainState, step: int, folder: Path) -> None:
+    """Load checkpoint `folder` (of `step`) into `state`; a damaged one raises a clear error."""
+    state.load_state_dict(load_checkpoint(folder))
+    if state.step != step:
+        raise ValueError(f"checkpoint {folder} says step {state.step}; its folder says {step}. "
+                         f"{_DAMAGED}")
 
 
 def resume(writer: RunWriter, state: TrainState) -> int:
@@ -59,10 +96,7 @@ def resume(writer: RunWriter, state: TrainState) -> int:
         raise FileNotFoundError(f"--resume: {writer.run_dir} has no checkpoint to resume from; "
                                 f"start a new run instead (drop --resume).")
     step, folder = found
-    state.load_state_dict(load_checkpoint(folder))
-    if state.step != step:
-        raise ValueError(f"checkpoint {folder} says step {state.step}; its folder says {step}. "
-                         f"The checkpoint is damaged: delete it to resume from the one before.")
+    load_checkpoint_into(state, step, folder)
     writer.truncate_after(step)
     logger.info("resumed %s from step %d", writer.run_dir, step)
     return step

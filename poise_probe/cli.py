@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -85,12 +86,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError) as exc:
+    except KeyboardInterrupt as exc:        # Ctrl-C, or SIGTERM in training (TrainingStopped)
         if args.verbose:
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"poise {args.command}: error: {msg}", file=sys.stderr)
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"poise {args.command}: {signal.Signals(signum).name}: stopped", file=sys.stderr)
+        return 128 + signum
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"poise {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 2
+
+
+#: Exceptions whose message is written for the user; any other type is named in the line.
+_USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError,
+                NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an error: the message of errors meant for users (KeyError unquoted), the
+    type and message of anything else, with the hint that --verbose shows the traceback."""
+    from poise_probe.rundir import RunLockedError
+
+    if isinstance(exc, KeyError) and exc.args:
+        msg = str(exc.args[0])
+    elif isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        msg = f"{exc.filename}: {exc.strerror}"
+        if isinstance(exc, FileExistsError):
+            msg += " (and is in the way: choose another path, or move it away)"
+    else:
+        msg = str(exc) or type(exc).__name__
+    if not isinstance(exc, (*_USER_ERRORS, RunLockedError)):
+        first = msg.strip().splitlines()[0] if msg.strip() else ""
+        msg = f"{type(exc).__name__}: {first} (run `poise --verbose ...` for the traceback)"
+    return msg
 
 
 def _add_eval(sub) -> None:
@@ -192,7 +222,11 @@ def _add_train(sub) -> None:
                    help="YAML recipe (training/configs/*.yaml; default: the built-in defaults)")
     p.add_argument("--output", default=None, help="run directory (default: trainer.output_dir)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --output from its last checkpoint")
+                   help="continue the run in --output from its last checkpoint (a run killed "
+                        "before its first checkpoint restarts from step 0 in place)")
+    p.add_argument("--allow-change", action="store_true",
+                   help="with --resume: allow overrides that change what the run is "
+                        "(model.path, adv_estimator, data.tasks, ...); recorded in meta.json")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.set_defaults(func=_run_train)
 
@@ -374,8 +408,22 @@ def _run_ablate(args) -> int:
 def _run_train(args) -> int:
     from poise_probe.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
-    return _train_with_progress(cfg, args.output, resume=args.resume)
+    if args.allow_change and not args.resume:
+        raise ValueError("--allow-change only applies to --resume (a new run has nothing to "
+                         "change); drop it.")
+    if args.config is None and not args.overrides and not args.resume:
+        logging.getLogger("poise_probe.cli").warning(
+            "no --config and no overrides: training the built-in defaults (see `poise config "
+            "show`); recipes live in training/configs/, e.g. --config "
+            "training/configs/poise_tiny.yaml")
+    config = args.config
+    if args.resume and config is None and args.output:
+        stored = Path(args.output) / "config.yaml"
+        if stored.is_file():             # a resume continues with the run's own recipe
+            config = stored
+    cfg = load_config(config, args.overrides)
+    return _train_with_progress(cfg, args.output, resume=args.resume,
+                                allow_change=args.allow_change)
 
 
 def _run_demo(args) -> int:
@@ -388,7 +436,8 @@ def _run_demo(args) -> int:
     return _train_with_progress(cfg, out, resume=False, demo=True)
 
 
-def _train_with_progress(cfg, output, resume: bool, demo: bool = False) -> int:
+def _train_with_progress(cfg, output, resume: bool, demo: bool = False,
+                         allow_change: bool = False) -> int:
     from tqdm import tqdm
 
     from poise_probe.rundir import RunReader
@@ -406,7 +455,8 @@ def _train_with_progress(cfg, output, resume: bool, demo: bool = False) -> int:
 
     try:
         with quiet_library_bars():
-            run_dir = train(cfg, out, resume=resume, progress=on_step)
+            run_dir = train(cfg, out, resume=resume, progress=on_step,
+                            allow_change=allow_change)
     finally:
         bar.close()
     reader = RunReader(run_dir)

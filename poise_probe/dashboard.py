@@ -85,7 +85,39 @@ def run(args: argparse.Namespace) -> int:
         print(shlex.join(cmd))
         return 0
     print(f"dashboard: http://{args.host}:{args.port}  (Ctrl-C to stop)", file=sys.stderr)
+    return serve(cmd)
+
+
+def serve(cmd: list[str], stop_timeout: float = 10.0) -> int:
+    """Run `cmd` (streamlit) as a child until it exits. SIGTERM, SIGHUP and SIGINT reach the
+    child and this process waits for it (SIGKILL after `stop_timeout` s), so no server is left
+    orphaned on the port; returns the child's exit status, 0 after Ctrl-C, 128 + N after
+    signal N."""
+    import signal
+
+    proc = subprocess.Popen(cmd)
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    watched = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    previous = {s: signal.signal(s, forward) for s in watched}
     try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+        while True:
+            try:
+                rc = proc.wait(timeout=stop_timeout if received else None)
+                break
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if received:
+        return 0 if received[0] == signal.SIGINT else 128 + received[0]
+    return rc

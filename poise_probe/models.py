@@ -110,7 +110,15 @@ def load_policy(path_or_name: str | Path = "tiny-reasoner", *, device: str | tor
     except (ValueError, OSError) as exc:
         raise ValueError(f"model path {str(path)!r} has no usable tokenizer ({exc}); save the "
                          f"tokenizer next to the model with tokenizer.save_pretrained.") from exc
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except MemoryError:
+        raise
+    except Exception as exc:  # safetensors/torch errors of a truncated or corrupted file
+        raise ValueError(f"model path {str(path)!r}: the weights could not be loaded "
+                         f"({type(exc).__name__}: {str(exc)[:200]}); a weights file is "
+                         f"truncated or corrupted: save the model again (save_pretrained) or "
+                         f"copy it anew.") from exc
     model.to(device).eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -73,7 +73,7 @@ _TAIL_BYTES = 4096        # stderr tail kept for classification even when the he
 _TERM_GRACE_S = 2.0       # time the child's init gets to tear down after a timeout
 _DRAIN_GRACE_S = 1.0      # time to wait for pipe EOF after the process is gone
 _MEMORY_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"out of memory",
-                   b"std::bad_alloc")
+                   b"std::bad_alloc", b"RecursionError: maximum recursion depth exceeded")
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,9 @@ def _classify(wait_status: int, cpu_s: float, limits: SandboxLimits,
     cpu_cap = max(1, -(-limits.cpu_time_s // 1))
     if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_s >= cpu_cap - 0.05):
         return "timeout", rc
-    if sig in (signal.SIGKILL, signal.SIGSEGV, signal.SIGBUS):
+    if sig == signal.SIGKILL:       # not the sandbox's (timeouts are above): the program's own
+        return ("memory" if memory_hint else "failed"), rc
+    if sig in (signal.SIGSEGV, signal.SIGBUS):
         return "memory", rc
     if sig == signal.SIGABRT and memory_hint:
         return "memory", rc
@@ -253,10 +255,12 @@ def run_python(code: str, *, stdin: str | None = None,
                 by SIGKILL after using the CPU budget (`cpu_time_s`);
       "passed"  exit status 0;
       "memory"  nonzero exit with MemoryError (or "Cannot allocate memory") in the stderr tail,
-                or killed by SIGKILL (the OOM killer, the sandbox sends it only on timeout),
-                SIGSEGV or SIGBUS (how C code fails under RLIMIT_AS; a stack overflow too), or
-                SIGABRT with such a message;
-      "failed"  any other nonzero exit (an exception, a failed assert, ``sys.exit(1)``);
+                a Python stack overflow (RecursionError: maximum recursion depth exceeded),
+                killed by SIGSEGV or SIGBUS (how C code fails under RLIMIT_AS; a C stack
+                overflow too), or by SIGABRT or SIGKILL with such a message;
+      "failed"  any other nonzero exit (an exception, a failed assert, ``sys.exit(1)``), or a
+                SIGKILL the sandbox did not send (the program killed itself: under RLIMIT_AS
+                memory runs out as MemoryError or SIGSEGV, not as the OOM killer's SIGKILL);
       "error"   killed by any other signal.
     """
     limits = limits or SandboxLimits()

@@ -15,8 +15,9 @@ import logging
 import math
 import os
 import platform
+import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,8 +27,7 @@ import torch
 
 from poise_probe import __version__
 from poise_probe.advantages import AdvantageResult, compute_advantages, poise_with_bootstrap
-from poise_probe.checkpoint import resume as resume_from_checkpoint
-from poise_probe.checkpoint import save_checkpoint
+from poise_probe.checkpoint import load_checkpoint_into, save_checkpoint
 from poise_probe.config import Config
 from poise_probe.data import PromptStream
 from poise_probe.evaluation import evaluate
@@ -83,15 +83,81 @@ def select_device(cfg: Config) -> torch.device:
     return torch.device(dev)
 
 
+#: Config keys that say what a run *is*; a resume that changes one is refused unless
+#: `allow_change` (`poise train --resume --allow-change`), and the change is recorded.
+RUN_IDENTITY_KEYS = ("model.path", "algorithm.adv_estimator", "data.tasks", "data.task_kwargs",
+                     "rollout.num_generations", "trainer.seed")
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) asked the run to stop: the step in flight is abandoned, the run is
+    marked `stopped` and resumes from its last checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = False,
           progress: Callable[[int, dict], None] | None = None,
-          stop_after: int | None = None) -> Path:
+          stop_after: int | None = None, allow_change: bool = False) -> Path:
     """Run (or resume) training; returns the run directory.
 
     `progress(step, metrics)` is called after every step (the CLI prints its one-line summary
     there). `stop_after` ends the process-level loop early (tests simulate a kill with it).
+    A resume checks everything (the config's changes, the checkpoint) before it writes anything;
+    a resume of a run killed before its first checkpoint restarts it from step 0 in place.
+    SIGTERM and Ctrl-C stop the run cleanly: status `stopped`, resumable.
     """
     out = Path(output_dir or cfg.trainer.output_dir)
+    with _stop_on_sigterm():
+        return _train(cfg, out, resume, progress, stop_after, allow_change)
+
+
+@contextmanager
+def _stop_on_sigterm():
+    """SIGTERM raises `TrainingStopped` in the main thread (Ctrl-C's KeyboardInterrupt too)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise TrainingStopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_resume_config(stored: dict, cfg: Config, allow_change: bool) -> dict[str, list]:
+    """The resume's config changes {"section.key": [old, new]}; a change of what the run is
+    (RUN_IDENTITY_KEYS) raises unless `allow_change`."""
+    from poise_probe.rundir import diff_configs
+    from poise_probe.rundir.schema import to_plain
+
+    changes = diff_configs(stored, to_plain(cfg.to_dict(), "config", json_nan=False))
+    identity = {k: v for k, v in changes.items() if k in RUN_IDENTITY_KEYS}
+    if identity and not allow_change:
+        said = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in identity.items())
+        raise ValueError(f"--resume would change what the run is ({said}); nothing was written. "
+                         f"Resume with the run's own values, start a new run in another "
+                         f"--output, or pass --allow-change to continue anyway (the change is "
+                         f"recorded in meta.json's resumes).")
+    return changes
+
+
+def _train(cfg: Config, out: Path, resume: bool, progress, stop_after, allow_change) -> Path:
+    if resume and not (out / "meta.json").exists():
+        logger.warning("--resume: %s holds no run yet (none was started there, or it was killed "
+                       "before it began): starting a new run there", out)
+        resume = False
+    if resume:                          # a refused change fails before the model loads
+        from poise_probe.rundir import RunReader
+        check_resume_config(RunReader(out).config, cfg, allow_change)
     device = select_device(cfg)
     require(cfg.trainer.report_to)       # a missing tracking package fails before the model loads
     seed_everything(cfg.trainer.seed)
@@ -108,6 +174,7 @@ def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = F
     ref = _reference_model(cfg, device) if cfg.algorithm.kl_coef > 0 else None
     stream = PromptStream(cfg.data.tasks, cfg.data.task_kwargs, seed=cfg.trainer.seed,
                           pool_size=cfg.data.pool_size)
+    _eval_tasks(cfg)                     # unknown eval tasks or knobs fail before any write
     bank = ProbeBank.from_config(cfg.probe, model.config.hidden_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas),
@@ -116,15 +183,30 @@ def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = F
     state = TrainState(model, optimizer, scheduler, bank, stream,
                        value_method=make_value_method(cfg, model, tokenizer, device))
 
+    # takes the one-writer lock and checks the folder; writes nothing until start()
     writer = RunWriter(out, config=cfg.to_dict(), resume=resume, keep_last=cfg.trainer.keep_checkpoints,
+                       start=False,
                        meta={"model": str(cfg.model.path), "device": str(device),
                              "algorithm": cfg.algorithm.adv_estimator,
                              "rollout_engine": cfg.rollout.engine,
                              "package_version": __version__, "torch": torch.__version__,
                              "platform": platform.platform(), "probe_layer": layer,
                              "run_name": out.name})
-    if resume:
-        resume_from_checkpoint(writer, state)
+    try:
+        found = writer.latest_checkpoint() if resume else None
+        if found is not None:
+            load_checkpoint_into(state, *found)            # a bad checkpoint: nothing written
+        writer.start()
+        if resume:
+            writer.truncate_after(found[0] if found else -1)
+            if found is None:
+                logger.warning("%s has no checkpoint yet (killed before its first save): "
+                               "restarting it from step 0 in place", out)
+            else:
+                logger.info("resumed %s from step %d", out, found[0])
+    except BaseException:
+        writer.release()
+        raise
     engine, tracker = None, Tracker()
     try:
         tracker = open_tracker(cfg.trainer.report_to, out, config=cfg.to_dict(),
@@ -152,9 +234,18 @@ def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = F
             if progress is not None:
                 progress(step, metrics)
             if stop_after is not None and step >= stop_after:
+                writer.release()
                 return out
+    except KeyboardInterrupt as exc:      # Ctrl-C or SIGTERM: the step in flight is abandoned
+        with _no_more_stops():
+            saved = writer.latest_checkpoint()
+            writer.close("stopped", error=None)
+            logger.warning("stopped (%s) after step %d; the last checkpoint is step %s: "
+                           "`--resume` continues from it", exc or "Ctrl-C", state.step,
+                           saved[0] if saved else "none (a resume restarts from step 0)")
+        raise
     except BaseException as exc:
-        writer.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        writer.close("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         tracker.close()
@@ -162,6 +253,22 @@ def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = F
             engine.close()
     writer.close("finished")
     return out
+
+
+@contextmanager
+def _no_more_stops():
+    """A second Ctrl-C or SIGTERM while the stopped status is written is ignored."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def train_step(step: int, run: Run) -> dict:

@@ -312,7 +312,9 @@ def test_output_is_capped_without_buffering_it_all():
     (0, 0.1, b"", "passed"),
     (1 << 8, 0.1, b"ValueError: x\n", "failed"),
     (1 << 8, 0.1, b"Traceback...\nMemoryError\n", "memory"),
-    (signal.SIGKILL, 0.1, b"", "memory"),     # not ours: the OOM killer
+    (signal.SIGKILL, 0.1, b"", "failed"),     # not ours: the program killed itself
+    (signal.SIGKILL, 0.1, b"MemoryError\n", "memory"),
+    (1 << 8, 0.1, b"RecursionError: maximum recursion depth exceeded\n", "memory"),
     (signal.SIGKILL, 5.0, b"", "timeout"),    # the CPU hard limit
     (signal.SIGXCPU, 5.0, b"", "timeout"),
     (signal.SIGSEGV, 0.1, b"", "memory"),

@@ -301,11 +301,13 @@ def test_demo_ends_by_printing_the_dashboard_command(tiny_model_dir, tmp_path, c
     assert f"-- {shlex.quote(str(out.resolve()))}" in capsys.readouterr().out
 
 
-def test_resume_without_checkpoint_fails_clearly(tiny_model_dir, tmp_path):
+def test_resume_where_no_run_began_starts_one(tiny_model_dir, tmp_path, caplog):
     from poise_probe.trainer import train
-    cfg = load_config(None, tiny_overrides(tiny_model_dir))
-    with pytest.raises((FileNotFoundError, ValueError), match="resume"):
+    cfg = load_config(None, tiny_overrides(tiny_model_dir, **{"trainer.total_steps": 1}))
+    with caplog.at_level("WARNING"):
         train(cfg, tmp_path / "nothing", resume=True)
+    assert "holds no run yet" in caplog.text
+    assert RunReader(tmp_path / "nothing").inferred_status() == "finished"
 
 
 def test_cli_train_and_bad_key(tiny_model_dir, tmp_path, capsys):

@@ -14,7 +14,7 @@ from poise_dash.data import tail
 from poise_probe.rundir import find_all_runs
 
 STATUS_ICONS = {"running": "🟢", "finished": "✅", "failed": "❌", "crashed": "💥",
-                "ended": "⏹️", "unreadable": "⚠️"}
+                "stopped": "⏸️", "ended": "⏹️", "unreadable": "⚠️"}
 #: Where a run came from: a poise_probe run directory, or a run made elsewhere (read-only).
 SOURCE_LABELS = {"poise": "poise", "trl": "TRL", "verl": "verl"}
 

@@ -163,6 +163,11 @@ def _read_manifest(root: Path) -> dict:
         raise DatasetError(f"{root} is not a folder; pass a dataset directory written by "
                            f"`poise probe capture`.")
     if not path.is_file():
+        if (root / "meta.json").is_file():
+            raise DatasetError(f"{root} is a training run directory, not a capture dataset; "
+                               f"capture its rollouts' activations first: `poise probe capture "
+                               f"--run {root} --out {root}-capture`, then pass --data "
+                               f"{root}-capture.")
         raise DatasetError(f"{root} has no manifest.json, so it is not a capture dataset; create "
                            f"one with `poise probe capture --out {root} ...`.")
     try:

@@ -109,6 +109,7 @@ class ProbeBuffer:
             raise ValueError(f"features have {X.shape[1]} columns but the buffer holds "
                              f"{self._n_features}-feature rows.")
         check_finite("features", X)
+        self._check_storable(X)
         y = loo_targets(r, ids)  # validates rewards and group sizes
         codes, uniq = group_codes(ids)
         biggest = int(np.bincount(codes).max())
@@ -116,6 +117,19 @@ class ProbeBuffer:
             raise ValueError(f"a group of {biggest} rows exceeds capacity={self.capacity}; "
                              f"groups are never split.")
         return X, r, y, codes, len(uniq)
+
+    def _check_storable(self, X: np.ndarray) -> None:
+        """Validate in the dtype that is stored: a finite float64 beyond float32's range would
+        be stored as inf and poison every later fit."""
+        if self.dtype.kind != "f" or X.dtype.itemsize <= self.dtype.itemsize:
+            return
+        limit = np.finfo(self.dtype).max
+        bad = np.flatnonzero((np.abs(X) > limit).any(axis=1))
+        if bad.size:
+            raise ValueError(f"features row {int(bad[0])} holds {float(np.abs(X[bad[0]]).max()):.3g}, "
+                             f"beyond {self.dtype} (max {limit:.3g}), the dtype the probe "
+                             f"buffer stores; the features are broken (check the capture), or "
+                             f"build the bank with dtype=np.float64.")
 
     def _evict(self) -> None:
         excess = self.n_rows - self.capacity
@@ -208,6 +222,10 @@ class ProbeBuffer:
         nf = int(np.asarray(d["n_features"]).reshape(-1)[0])
         self._n_features = None if nf < 0 else nf
         self.dtype = rows["X"].dtype if n else self.dtype
+        for key in ("X", "rewards", "y"):
+            if not np.isfinite(rows[key]).all():
+                raise ValueError(f"the saved probe buffer's {key!r} holds NaN or inf; the probe "
+                                 f"bank file is damaged (resume from an earlier checkpoint).")
         rows["group"] = rows["group"].astype(np.int64)
         rows["step"] = rows["step"].astype(np.int64)
         self._chunks = [rows] if n else []

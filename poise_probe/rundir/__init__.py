@@ -37,7 +37,7 @@ from poise_probe.rundir.schema import (
     as_rollout_table,
     step_name,
 )
-from poise_probe.rundir.writer import RunWriter, git_commit
+from poise_probe.rundir.writer import RunLockedError, RunWriter, diff_configs, git_commit
 
 __all__ = [
     "ROLLOUT_COLUMNS",
@@ -45,6 +45,7 @@ __all__ = [
     "STATUSES",
     "ExternalRun",
     "FoundRun",
+    "RunLockedError",
     "RunReader",
     "RunWriter",
     "TrlRun",
@@ -55,6 +56,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "diff_configs",
     "find_all_runs",
     "find_runs",
     "git_commit",

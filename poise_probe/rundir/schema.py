@@ -16,7 +16,7 @@ import pyarrow as pa
 SCHEMA_VERSION = 2
 # version 2 only added rollout columns and meta keys, so a version-1 run can be continued
 RESUMABLE_VERSIONS = (1, 2)
-STATUSES = ("running", "finished", "failed")
+STATUSES = ("running", "finished", "failed", "stopped")
 
 # Required rollout columns and their on-disk types, in file order; extra columns follow them.
 ROLLOUT_COLUMNS: dict[str, pa.DataType] = {

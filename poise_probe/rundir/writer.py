@@ -6,6 +6,7 @@ Only `metrics.jsonl` is appended to; every other file goes through the atomic wr
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -56,6 +57,38 @@ _RESERVED_METRIC_KEYS = ("step", "time")
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
+class RunLockedError(RuntimeError):
+    """Another live process writes this run directory (one writer per run)."""
+
+
+def _status_holder(run_dir: Path) -> str:
+    """" (pid N on HOST)" from status.json, or "" when it does not say."""
+    try:
+        status = read_json(run_dir / "status.json")
+        return f" (pid {status['pid']} on {status['hostname']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, Mapping) or not tree:
+        return {prefix: tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value and prefix == "":
+            out.update(_flatten(value, name))      # sections; mappings inside stay whole
+        else:
+            out[name] = value
+    return out
+
+
+def diff_configs(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, list]:
+    """{"section.key": [old, new]} for every key whose value differs (None where absent)."""
+    a, b = _flatten(old), _flatten(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
 def git_commit() -> str | None:
     """HEAD of the repository holding this package, or None (not a checkout, no git)."""
     try:
@@ -75,7 +108,8 @@ class RunWriter:
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, config: Mapping[str, Any],
-                 meta: Mapping[str, Any], resume: bool = False, keep_last: int | None = None):
+                 meta: Mapping[str, Any], resume: bool = False, keep_last: int | None = None,
+                 start: bool = True):
         self.run_dir = Path(run_dir)
         if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)
                                       or keep_last < 1):
@@ -96,11 +130,14 @@ class RunWriter:
             raise ValueError(f"meta keys {clash} are filled in by RunWriter; leave them out")
         self._closed = False
         self._started = now_iso()
-        exists = (self.run_dir / "meta.json").exists()
-        if exists and not resume:
-            raise FileExistsError(f"{self.run_dir} already holds a run (it has meta.json); pass "
-                                  f"--resume to continue it, or choose another --output")
-        if resume and not exists:
+        self._lock_fd: int | None = None
+        self._resume_mode = resume
+        self._pending: tuple[str, dict, str | None] | None = None
+        self._status: dict = {}
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise FileExistsError(f"{self.run_dir} is a file, not a folder; a run directory is a "
+                                  f"folder: choose another --output (or move the file away)")
+        if resume and not (self.run_dir / "meta.json").exists():
             raise FileNotFoundError(f"cannot resume {self.run_dir}: no run there (no meta.json); "
                                     f"drop --resume to start a new run")
         # Convert everything before writing anything, so a bad value leaves no half-made run.
@@ -108,10 +145,77 @@ class RunWriter:
                                      sort_keys=False, allow_unicode=True)
         meta = to_plain(meta, "meta", json_nan=True)
         commit = meta["git_commit"] if "git_commit" in meta else git_commit()
-        if resume:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            if (self.run_dir / "meta.json").exists() and not resume:
+                raise FileExistsError(f"{self.run_dir} already holds a run (it has meta.json); "
+                                      f"pass --resume to continue it (a run with no checkpoint "
+                                      f"yet restarts from step 0 in place), or choose another "
+                                      f"--output")
+            if resume:
+                self._check_resumable()
+            self._pending = (config_text, meta, commit)
+            if start:
+                self.start()
+        except BaseException:
+            self.release()
+            raise
+
+    # -- the one-writer lock
+
+    def _lock(self) -> None:
+        """Take an exclusive flock on the run folder itself (no file is created), held until
+        `close`/`release` or the process's death; a second writer is refused at once."""
+        fd = os.open(self.run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = _status_holder(self.run_dir)
+            raise RunLockedError(f"{self.run_dir} is being written by another process{holder}; "
+                                 f"one writer per run: stop that one first, or choose another "
+                                 f"--output") from None
+        except OSError as exc:  # a file system without flock (some network mounts)
+            logger.warning("cannot lock %s (%s); only the status.json pid check guards against "
+                           "a second writer", self.run_dir, exc)
+            os.close(fd)
+            return
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Drop the one-writer lock (`close` does it; also safe to call twice)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.release()
+
+    def start(self) -> None:
+        """Write status.json, config.yaml and meta.json (a new run) or record the resume. The
+        constructor calls it unless `start=False`: the trainer first checks that its checkpoint
+        loads, so that a failed resume writes nothing."""
+        if self._pending is None:
+            raise RuntimeError(f"RunWriter for {self.run_dir} has already started")
+        config_text, meta, commit = self._pending
+        self._pending = None
+        if self._resume_mode:
             self._resume(config_text, meta, commit)
         else:
             self._create(config_text, meta, commit)
+
+    @property
+    def stored_config(self) -> dict:
+        """The run's config.yaml as it is on disk ({} for a new run or a missing file)."""
+        path = self._path("config.yaml")
+        if not path.exists():
+            return {}
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return loaded if isinstance(loaded, dict) else {}
 
     # -- setup
 
@@ -135,22 +239,37 @@ class RunWriter:
         # meta.json goes last: its presence is what makes a folder a run directory.
         atomic_write_json(self._path("meta.json"), full)
 
-    def _resume(self, config_text: str, meta: dict, commit: str | None) -> None:
-        old_meta = read_meta(self.run_dir)
-        old_version = old_meta["schema_version"]
+    def _old_status(self) -> dict:
+        path = self._path("status.json")
+        if not path.exists():
+            return {}
+        try:
+            status = read_json(path)
+        except ValueError:
+            logger.warning("%s is unreadable; it will be rewritten", path)
+            return {}
+        return status if isinstance(status, dict) else {}
+
+    def _check_resumable(self) -> None:
+        """Everything a resume checks before it writes anything."""
+        old_version = read_meta(self.run_dir)["schema_version"]
         if old_version not in RESUMABLE_VERSIONS:
             raise ValueError(f"{self.run_dir} has schema_version {old_version}; this poise_probe "
                              f"writes {SCHEMA_VERSION} and resumes {list(RESUMABLE_VERSIONS)}; "
                              f"start a new run instead")
-        old_status = {}
-        if self._path("status.json").exists():
-            old_status = read_json(self._path("status.json"))
+        old_status = self._old_status()
         if (old_status.get("status") == "running"
                 and old_status.get("hostname") == socket.gethostname()
                 and old_status.get("pid") != os.getpid()
                 and process_alive(old_status.get("pid"), parse_iso(old_status.get("started")))):
-            raise RuntimeError(f"{self.run_dir} is still being written by pid "
-                               f"{old_status['pid']} on this host; stop it before resuming")
+            raise RunLockedError(f"{self.run_dir} is still being written by pid "
+                                 f"{old_status['pid']} on this host; stop it before resuming")
+
+    def _resume(self, config_text: str, meta: dict, commit: str | None) -> None:
+        old_meta = read_meta(self.run_dir)
+        old_version = old_meta["schema_version"]
+        old_status = self._old_status()
+        old_config = self.stored_config
         self._clean_temp()
         self._repair_metrics_tail()
         last = old_status.get("last_step")
@@ -161,6 +280,9 @@ class RunWriter:
                    "version": __version__, "git_commit": commit,
                    "last_step": self._status["last_step"],
                    "changed": {k: v for k, v in meta.items() if old_meta.get(k) != v}}
+        config_changes = diff_configs(old_config, yaml.safe_load(config_text) or {})
+        if config_changes:
+            resumed["config_changes"] = config_changes
         if old_version != SCHEMA_VERSION:  # later steps carry the newer columns
             resumed["schema_version_from"] = old_version
             old_meta["schema_version"] = SCHEMA_VERSION
@@ -189,6 +311,9 @@ class RunWriter:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"RunWriter for {self.run_dir} is closed")
+        if self._pending is not None:
+            raise RuntimeError(f"RunWriter for {self.run_dir} was made with start=False; call "
+                               f"start() before writing")
 
     # -- writing
 
@@ -296,10 +421,11 @@ class RunWriter:
     def truncate_after(self, step: int, *, checkpoints: bool = False) -> None:
         """Forget steps > `step` (before resuming from it): metrics lines, rollouts, probes, eval.
 
-        Checkpoints of later steps are kept unless `checkpoints=True`.
+        Checkpoints of later steps are kept unless `checkpoints=True`. `step=-1` forgets every
+        step (a run restarted from scratch in place).
         """
         self._check_open()
-        step = check_step(step)
+        step = -1 if step == -1 else check_step(step)
         path = self._path("metrics.jsonl")
         if path.exists():
             data = path.read_bytes()
@@ -322,7 +448,10 @@ class RunWriter:
                     shutil.rmtree(folder)
         last = self._status.get("last_step")
         if last is not None and last > step:
-            self.set_status(self._status["status"], last_step=step, error=self._status["error"])
+            if step < 0:
+                self._status["last_step"] = None
+            self.set_status(self._status["status"], last_step=step if step >= 0 else None,
+                            error=self._status["error"])
 
     def set_status(self, status: str, last_step: int | None = None,
                    error: str | None = None) -> None:
@@ -338,8 +467,12 @@ class RunWriter:
         """Mark the run `status` and refuse further writes; a second call does nothing."""
         if self._closed:
             return
-        self.set_status(status, error=error)
-        self._closed = True
+        try:
+            if self._pending is None:       # a writer that never started leaves no status
+                self.set_status(status, error=error)
+        finally:
+            self._closed = True
+            self.release()
 
     def __enter__(self) -> RunWriter:
         return self

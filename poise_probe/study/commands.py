@@ -108,6 +108,12 @@ def _run_capture(args) -> int:
         if val < 1:
             raise ValueError(f"{name} must be >= 1; got {val}.")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; the capture writes a dataset folder: "
+                              f"choose another --out.")
+    if (out / "meta.json").is_file():
+        raise ValueError(f"--out {out} is a training run directory; a capture writes its own "
+                         f"folder: choose another --out (e.g. {out}-capture).")
     if args.run is not None and not Path(args.run).is_dir():
         raise FileNotFoundError(f"--run {args.run}: no such run directory.")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []

@@ -41,7 +41,24 @@ def get_task(name: str, **kwargs: Any) -> Task:
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; known: {sorted(TASKS)}, 'rg:<reasoning-gym "
                        f"dataset>', or a .jsonl/.parquet path in verl's row format.")
-    return TASKS[name](**kwargs)
+    cls = TASKS[name]
+    _check_knobs(name, cls, kwargs)
+    return cls(**kwargs)
+
+
+def _check_knobs(name: str, cls: type, kwargs: dict[str, Any]) -> None:
+    """Unknown knobs of a task raise one clear error (not the constructor's TypeError)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [n for n, p in params.items() if n != "self"
+             and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise ValueError(f"data.task_kwargs.{name}: unknown knob(s) {unknown}; task {name!r} "
+                         f"takes {known or 'no knobs'}. Fix the key in the recipe or override.")
 
 
 def _load_builtins() -> None:
