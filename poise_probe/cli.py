@@ -444,21 +444,25 @@ def _train_with_progress(cfg, output, resume: bool, demo: bool = False,
     from poise_probe.trainer import train
 
     out = output or cfg.trainer.output_dir
-    bar = tqdm(total=cfg.trainer.total_steps, desc=f"{cfg.algorithm.adv_estimator}",
-               unit="step", file=sys.stderr)
+    bars: list = []                     # drawn once the run has started (checks passed)
+
+    def on_start(step: int) -> None:
+        bars.append(tqdm(total=cfg.trainer.total_steps, initial=step, unit="step",
+                         desc=f"{cfg.algorithm.adv_estimator}", file=sys.stderr))
 
     def on_step(step: int, m: dict) -> None:
-        if bar.n == 0 and step > 1:
-            bar.update(step - 1)
-        bar.update(1)
+        if not bars:
+            on_start(step - 1)
+        bars[0].update(1)
         tqdm.write(format_step(step, m), file=sys.stderr)
 
     try:
         with quiet_library_bars():
-            run_dir = train(cfg, out, resume=resume, progress=on_step,
+            run_dir = train(cfg, out, resume=resume, progress=on_step, started=on_start,
                             allow_change=allow_change)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     reader = RunReader(run_dir)
     _print_before_after(reader)
     print(f"run directory: {run_dir}")

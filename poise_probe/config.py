@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -355,9 +356,14 @@ def load_config_with_sources(path: str | Path | None = None, overrides: list[str
             raise FileNotFoundError(f"config file {str(p)!r} does not exist; recipes live in "
                                     f"training/configs/.")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
             raise ValueError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+        if raw is None or raw == {}:
+            logging.getLogger(__name__).warning(
+                "config file %r is empty: every value not overridden is a default (see `poise "
+                "config show`)", str(p))
+            raw = {}
         if not isinstance(raw, dict):
             raise ValueError(f"config file {str(p)!r} must hold a mapping of sections; got "
                              f"{type(raw).__name__}.")

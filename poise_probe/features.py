@@ -13,6 +13,7 @@ span and weight functions here, so capture and training pool identically.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
@@ -21,6 +22,8 @@ import torch
 from torch import Tensor
 
 from poise_probe.losses import entropy_from_logits
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,10 +37,30 @@ class TagIds:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "TagIds":
+        """The tags' ids in `tokenizer`; a tag that is not one token of its own is None.
+
+        A tag counts only if it encodes to a single id that decodes back to the tag: a
+        tokenizer that maps an unknown word to its unknown token must not make every unknown
+        token a tag. Missing think tags are a documented fallback, not an error (see
+        `response_spans` and the module docstring): the reasoning vector pools the last n
+        response tokens and the whole response is the reasoning span; a warning says so.
+        """
         def one(tag: str) -> int | None:
             ids = tokenizer(tag, add_special_tokens=False)["input_ids"]
-            return ids[0] if len(ids) == 1 else None
-        return cls(one("<think>"), one("</think>"), one("<answer>"), one("</answer>"))
+            if len(ids) != 1:
+                return None
+            return ids[0] if tokenizer.decode(ids).strip() == tag else None
+        tags = cls(one("<think>"), one("</think>"), one("<answer>"), one("</answer>"))
+        missing = [tag for tag, tid in (("<think>", tags.think_open),
+                                        ("</think>", tags.think_close)) if tid is None]
+        if missing:
+            logger.warning(
+                "tokenizer %s has no single token for %s: POISE features fall back to the last "
+                "n response tokens for the reasoning vector and the whole response as the "
+                "reasoning span (answer span: inside <answer>...</answer>, else empty). Add the "
+                "tags as tokens (tokenizer.add_tokens) for think-aware features.",
+                type(tokenizer).__name__, " and ".join(missing))
+        return tags
 
 
 @dataclass(frozen=True)

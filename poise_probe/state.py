@@ -60,7 +60,13 @@ class TrainState:
 
 def load_policy_weights(model: torch.nn.Module, weights: dict) -> None:
     """Copy `weights` into `model`; a tied LM head may be absent (safetensors drops it)."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:         # shapes differ: another architecture or size
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        raise ValueError(f"saved weights do not match the model ({len(lines)} tensors differ in "
+                         f"shape, first: {lines[0] if lines else exc}); resume with the same "
+                         f"model.path.") from exc
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise ValueError(f"saved weights do not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}; resume with the same model.path.")

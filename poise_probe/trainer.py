@@ -100,18 +100,20 @@ class TrainingStopped(KeyboardInterrupt):
 
 def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = False,
           progress: Callable[[int, dict], None] | None = None,
-          stop_after: int | None = None, allow_change: bool = False) -> Path:
+          stop_after: int | None = None, allow_change: bool = False,
+          started: Callable[[int], None] | None = None) -> Path:
     """Run (or resume) training; returns the run directory.
 
     `progress(step, metrics)` is called after every step (the CLI prints its one-line summary
-    there). `stop_after` ends the process-level loop early (tests simulate a kill with it).
+    there); `started(step)` once the run has begun (every check passed) at `step` (0, or the
+    checkpoint's). `stop_after` ends the process-level loop early (tests simulate a kill with it).
     A resume checks everything (the config's changes, the checkpoint) before it writes anything;
     a resume of a run killed before its first checkpoint restarts it from step 0 in place.
     SIGTERM and Ctrl-C stop the run cleanly: status `stopped`, resumable.
     """
     out = Path(output_dir or cfg.trainer.output_dir)
     with _stop_on_sigterm():
-        return _train(cfg, out, resume, progress, stop_after, allow_change)
+        return _train(cfg, out, resume, progress, stop_after, allow_change, started)
 
 
 @contextmanager
@@ -150,7 +152,8 @@ def check_resume_config(stored: dict, cfg: Config, allow_change: bool) -> dict[s
     return changes
 
 
-def _train(cfg: Config, out: Path, resume: bool, progress, stop_after, allow_change) -> Path:
+def _train(cfg: Config, out: Path, resume: bool, progress, stop_after, allow_change,
+           started) -> Path:
     if resume and not (out / "meta.json").exists():
         logger.warning("--resume: %s holds no run yet (none was started there, or it was killed "
                        "before it began): starting a new run there", out)
@@ -216,6 +219,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress, stop_after, allow_cha
         engine = make_engine(cfg, model, tokenizer, device, autocast)   # holds current weights
         run = Run(cfg, state, tokenizer, engine, ref, TagIds.from_tokenizer(tokenizer), layer,
                   writer, device, autocast, sampling_settings(cfg), tracker)
+        if started is not None:
+            started(state.step)
         if state.step == 0:
             _evaluate(run, step=0)
         for step in range(state.step + 1, cfg.trainer.total_steps + 1):

@@ -58,6 +58,21 @@ def loo_targets(rewards, group_ids) -> np.ndarray:
     return loo_mean(r, codes)
 
 
+def check_storable(X: np.ndarray, dtype: np.dtype) -> None:
+    """Validate features in the dtype that is stored: a finite float64 beyond float32's range
+    would be stored as inf and poison every later fit."""
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f" or X.dtype.itemsize <= dtype.itemsize:
+        return
+    limit = np.finfo(dtype).max
+    bad = np.flatnonzero((np.abs(X) > limit).any(axis=1))
+    if bad.size:
+        raise ValueError(f"features row {int(bad[0])} holds {float(np.abs(X[bad[0]]).max()):.3g}, "
+                         f"beyond {dtype} (max {limit:.3g}), the dtype the probe buffer stores; "
+                         f"the features are broken (check the capture), or build the bank with "
+                         f"dtype=np.float64.")
+
+
 class ProbeBuffer:
     """FIFO of recent rows; evicts whole prompt groups, oldest first.
 
@@ -109,7 +124,7 @@ class ProbeBuffer:
             raise ValueError(f"features have {X.shape[1]} columns but the buffer holds "
                              f"{self._n_features}-feature rows.")
         check_finite("features", X)
-        self._check_storable(X)
+        check_storable(X, self.dtype)
         y = loo_targets(r, ids)  # validates rewards and group sizes
         codes, uniq = group_codes(ids)
         biggest = int(np.bincount(codes).max())
@@ -117,19 +132,6 @@ class ProbeBuffer:
             raise ValueError(f"a group of {biggest} rows exceeds capacity={self.capacity}; "
                              f"groups are never split.")
         return X, r, y, codes, len(uniq)
-
-    def _check_storable(self, X: np.ndarray) -> None:
-        """Validate in the dtype that is stored: a finite float64 beyond float32's range would
-        be stored as inf and poison every later fit."""
-        if self.dtype.kind != "f" or X.dtype.itemsize <= self.dtype.itemsize:
-            return
-        limit = np.finfo(self.dtype).max
-        bad = np.flatnonzero((np.abs(X) > limit).any(axis=1))
-        if bad.size:
-            raise ValueError(f"features row {int(bad[0])} holds {float(np.abs(X[bad[0]]).max()):.3g}, "
-                             f"beyond {self.dtype} (max {limit:.3g}), the dtype the probe "
-                             f"buffer stores; the features are broken (check the capture), or "
-                             f"build the bank with dtype=np.float64.")
 
     def _evict(self) -> None:
         excess = self.n_rows - self.capacity
@@ -362,6 +364,7 @@ class ProbeBank:
                 raise ValueError(f"group {g!r} has rollouts routed to {bucket_of[g]!r} and "
                                  f"{b!r}; all rollouts of a prompt share its domain.")
         check_finite("features", X)  # row numbers in errors refer to the caller's batch
+        check_storable(X, next(iter(self.buffers.values())).dtype)
         check_finite("rewards", r)
         check_in_clip("rewards", r, RidgeProbe(**self._probe_params()).clip_bounds())
 

@@ -55,6 +55,23 @@ def check_in_clip(name: str, y: np.ndarray, bounds: tuple[float | None, float | 
                          f"{name}[{r}] = {float(y[r]):g}. Pass clip=None for unbounded "
                          f"targets.")
 
+
+def _fit_pca(Z: np.ndarray, k: int) -> PCA:
+    """PCA with `k` components on scaled block `Z`, also on a block without variance.
+
+    One row, or a block that is constant over the rows, scales to zeros: scikit-learn then
+    divides 0 by 0 for the explained variance (a RuntimeWarning, NaN in the snapshot). Such a
+    block explains no variance, so those entries are 0; the projection is 0 either way.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pca = PCA(n_components=k, random_state=PCA_RANDOM_STATE).fit(Z)
+    for attr in ("explained_variance_", "explained_variance_ratio_"):
+        value = getattr(pca, attr, None)
+        if value is not None and not np.isfinite(value).all():
+            setattr(pca, attr, np.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0))
+    return pca
+
+
 # --------------------------------------------------------------------------------------------
 # RidgeProbe
 # --------------------------------------------------------------------------------------------
@@ -135,7 +152,12 @@ class RidgeProbe(RegressorMixin, BaseEstimator):
     # -- fit / predict -------------------------------------------------------------------------
 
     def fit(self, X, y):
-        """Fit scaler, per-block PCA and ridge on (X, y). X (n, D), y (n,) in `clip`."""
+        """Fit scaler, per-block PCA and ridge on (X, y). X (n, D), y (n,) in `clip`.
+
+        Degenerate data is a well-defined fit, not an error: one row, constant features or
+        constant targets give a probe that predicts the mean target (finite, no warnings), as
+        the prompt-value estimate with nothing to tell rows apart. Zero rows are refused.
+        """
         # Name the first bad row of y (validate_data would only say "y contains NaN"); other
         # kinds of y (None, strings, complex) are left to validate_data's own errors.
         y_arr = np.asarray(y) if y is not None else None
@@ -159,8 +181,7 @@ class RidgeProbe(RegressorMixin, BaseEstimator):
                 n_components.append(None)
             else:
                 k_eff = max(1, min(k, n - 1, size))
-                pca = PCA(n_components=k_eff, random_state=PCA_RANDOM_STATE)
-                self.pcas_.append(pca.fit(Z[:, start:start + size]))
+                self.pcas_.append(_fit_pca(Z[:, start:start + size], k_eff))
                 n_components.append(k_eff)
             start += size
         self.block_sizes_ = sizes

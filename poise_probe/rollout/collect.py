@@ -129,12 +129,27 @@ def score_rollouts(prompts: list[Prompt], texts: list[list[str]]) -> tuple[torch
         by_task.setdefault(id(p.task), []).append(i)
     for idx in by_task.values():
         task = prompts[idx[0]].task
-        flat = task.score_many([c for i in idx for c in texts[i]],
-                               [prompts[i].example for i in idx for _ in range(k)])
-        rewards[idx] = torch.tensor(flat, dtype=torch.float32).reshape(len(idx), k)
-        if not torch.isfinite(rewards[idx]).all():
-            raise ValueError(f"task {task.name!r} returned NaN or inf rewards; a verifier must "
-                             f"return numbers in [0, 1]. Fix the task's score function.")
+        examples = [prompts[i].example for i in idx for _ in range(k)]
+        flat = list(task.score_many([c for i in idx for c in texts[i]], examples))
+        if len(flat) != len(examples):
+            raise ValueError(f"task {task.name!r} returned {len(flat)} rewards for "
+                             f"{len(examples)} completions; score_many must return one reward "
+                             f"per completion. Fix the task's score_many.")
+        try:
+            values = [float(v) for v in flat]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"task {task.name!r} returned a reward that is not a number "
+                             f"({exc}); a verifier must return numbers in [0, 1]. Fix the task's "
+                             f"score function.") from None
+        scored = torch.tensor(values, dtype=torch.float32)  # checked as stored: 1e39 -> inf
+        finite = torch.isfinite(scored)
+        if not finite.all():
+            bad = int((~finite).nonzero()[0])
+            raise ValueError(f"task {task.name!r} returned NaN or inf rewards (reward "
+                             f"{values[bad]:g} for prompt {examples[bad].prompt_id}, completion "
+                             f"{bad % k}); a verifier must return numbers in [0, 1]. Fix the "
+                             f"task's score function.")
+        rewards[idx] = scored.reshape(len(idx), k)
         found = [bool(task.has_answer(texts[i][j], prompts[i].example))
                  for i in idx for j in range(k)]
         valid[idx] = torch.tensor(found, dtype=torch.bool).reshape(len(idx), k)

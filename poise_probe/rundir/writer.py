@@ -62,9 +62,11 @@ class RunLockedError(RuntimeError):
 
 
 def _status_holder(run_dir: Path) -> str:
-    """" (pid N on HOST)" from status.json, or "" when it does not say."""
+    """" (pid N on HOST)" from a status.json that says running, or "" when it does not say."""
     try:
         status = read_json(run_dir / "status.json")
+        if status["status"] != "running":
+            return ""
         return f" (pid {status['pid']} on {status['hostname']})"
     except (OSError, ValueError, KeyError, TypeError):
         return ""

@@ -100,19 +100,28 @@ def _read_raw(path: Path) -> list[tuple[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as f:
+        # surrogateescape: a byte that is not UTF-8 is reported with its line, not as a bare
+        # UnicodeDecodeError; utf-8-sig accepts the byte-order mark some editors write.
+        with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
+                _check_utf8(line, f"{path} line {lineno}")
                 try:
                     rows.append((f"line {lineno}", json.loads(line)))
                 except json.JSONDecodeError as e:
+                    cut = ("" if line.endswith("\n") else " The last line has no newline at its "
+                           "end, so the file looks cut off (an interrupted write or copy): "
+                           "restore the whole file or delete that partial line.")
                     raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg} at column "
-                                     f"{e.colno}); each line must be one JSON object.") from e
+                                     f"{e.colno}); each line must be one JSON object.{cut}"
+                                     ) from e
         return rows
     if suffix == ".json":
+        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+        _check_utf8(text, str(path))
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column "
                              f"{e.colno}); a .json task file holds one list of rows.") from e
@@ -121,12 +130,28 @@ def _read_raw(path: Path) -> list[tuple[str, Any]]:
                              f"holds a list of row objects (use .jsonl for one row per line).")
         return [(f"row {i}", row) for i, row in enumerate(data)]
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: not a readable Parquet file ({str(e).strip()}); it is "
+                             f"truncated, corrupt or not Parquet: write it again (write_rows, "
+                             f"or pandas DataFrame.to_parquet) or copy it anew.") from e
         return [(f"row {i}", _from_parquet(row)) for i, row in enumerate(rows)]
     raise ValueError(f"task file {str(path)!r} has unsupported extension {path.suffix!r}; use "
                      f"one of {SUFFIXES}.")
+
+
+def _check_utf8(text: str, where: str) -> None:
+    """ValueError naming the first byte of `text` (read with surrogateescape) that is not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(text[e.start]) - 0xDC00  # surrogateescape maps byte b to U+DC00 + b
+        raise ValueError(f"{where}: not UTF-8 text (byte 0x{byte:02x} at character "
+                         f"{e.start + 1}); save the task file as UTF-8.") from None
 
 
 def _drop_none(info: Any) -> Any:
@@ -144,6 +169,9 @@ def _check_prompt(prompt: Any, where: str) -> str | list[dict[str, str]]:
     fix = ("prompt must be a string or a chat list of {'role': ..., 'content': ...} objects "
            "with string values")
     if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"{where}: field 'prompt' is {_short(prompt)}, a blank string; "
+                             f"each row needs the question for the model to answer.")
         return prompt
     if not isinstance(prompt, list) or not prompt:
         raise ValueError(f"{where}: field 'prompt' is a {type(prompt).__name__} "
@@ -154,6 +182,9 @@ def _check_prompt(prompt: Any, where: str) -> str | list[dict[str, str]]:
                 or not isinstance(msg.get("content"), str)):
             raise ValueError(f"{where}: field 'prompt[{i}]' is {_short(msg)}; {fix}.")
         out.append({"role": msg["role"], "content": msg["content"]})
+    if not any(m["content"].strip() for m in out):
+        raise ValueError(f"{where}: field 'prompt' is {_short(prompt)}: every message's content "
+                         f"is empty; each row needs the question for the model to answer.")
     return out
 
 

@@ -1,0 +1,15 @@
+"""The reliability suite's shared fixture: one uninterrupted run that killed, stopped and
+resumed runs are compared with."""
+from __future__ import annotations
+
+import pytest
+from rel_helpers import EXTRA, STEPS, run_cmd, run_state, train_cmd
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir, tmp_path_factory):
+    """`run_state` of an uninterrupted `poise train` (fresh process) of STEPS steps."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    done = run_cmd(train_cmd(tiny_model_dir, out, steps=STEPS, extra=EXTRA))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_state(out)
