@@ -43,6 +43,7 @@ import os
 import random
 import selectors
 import shutil
+import secrets
 import signal
 import subprocess
 import sys
@@ -115,11 +116,30 @@ class SandboxResult:
     duration_s: float
     truncated: bool
     isolation: tuple[str, ...] = ()
+    stdout_tail: str = ""          # the last 4 KB of stdout, even when `stdout` was capped
 
     @property
     def passed(self) -> bool:
         """True iff the program exited with status 0 within its limits."""
         return self.status == "passed"
+
+
+def with_end_marker(program: str) -> tuple[str, str]:
+    """`program` plus a last line that prints a fresh random marker, and the marker.
+
+    A test program "passes" on exit status 0, which a completion can fake by exiting early
+    (``sys.exit(0)``, ``os._exit(0)``) before the tests run: a reward hack. Such a run never
+    reaches the last line, so `ran_to_the_end` refuses it. (A program could still read its own
+    source to find the marker; see docs/sandbox-security.md.)
+    """
+    marker = f"__poise_end_{secrets.token_hex(16)}__"
+    line = f"__import__('sys').stdout.write({marker!r} + '\\n'); __import__('sys').stdout.flush()"
+    return f"{program}\n\n{line}\n", marker
+
+
+def ran_to_the_end(result: SandboxResult, marker: str) -> bool:
+    """Passed, and printed the marker of `with_end_marker`: the tests really ran."""
+    return result.passed and marker in result.stdout_tail
 
 
 # --- the child: poise_probe/sandbox_child.py, run as a script (see its docstring) ------
@@ -480,7 +500,8 @@ def _result(info: dict, timed_out: bool, wait_status: int, usage, duration: floa
                              f"(wait status {wait_status})\n{stderr}", duration, truncated,
                              isolation)
     status, rc = _classify(wait_status, cpu_s, limits, bytes(err.tail))
-    return SandboxResult(status, rc, out.text(), stderr, duration, truncated, isolation)
+    return SandboxResult(status, rc, out.text(), stderr, duration, truncated, isolation,
+                         bytes(out.tail).decode("utf-8", errors="replace"))
 
 
 def run_many(codes: Sequence[str], *, stdins: Sequence[str | None] | None = None,

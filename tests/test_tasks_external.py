@@ -327,9 +327,13 @@ def test_file_code_rows_run_their_tests_in_the_sandbox(tmp_path, monkeypatch):
             return _FakeResult(False)
         return _FakeResult(True)
 
+    import poise_probe.sandbox as real
+
     fake = types.ModuleType("poise_probe.sandbox")
     fake.run_python = run_python
     fake.run_many = lambda codes, **kw: [run_python(c) for c in codes]
+    fake.with_end_marker = real.with_end_marker
+    fake.ran_to_the_end = lambda result, marker: result.passed   # exec prints to our stdout
     monkeypatch.setitem(sys.modules, "poise_probe.sandbox", fake)
     rows = [_row("inc", "assert inc(1) == 2", ability="code"),
             _row("dbl", "def check(candidate):\n    assert candidate(2) == 4\n",

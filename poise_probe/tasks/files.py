@@ -304,9 +304,10 @@ class FileTask(Task):
 
             return score_math(completion, example.ground_truth)
         if example.domain == "code" and is_test_program(example.ground_truth):
-            from poise_probe.sandbox import run_python
+            from poise_probe.sandbox import ran_to_the_end, run_python, with_end_marker
 
-            return float(run_python(test_program(completion, example)).passed)
+            program, marker = with_end_marker(test_program(completion, example))
+            return float(ran_to_the_end(run_python(program), marker))
         return exact_match(completion, example.ground_truth)
 
     def has_answer(self, completion: str, example: Example) -> bool:
@@ -319,6 +320,8 @@ class FileTask(Task):
 
     def score_many(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
         """Like `score`, with all code test programs run together by `sandbox.run_many`."""
+        from poise_probe.sandbox import with_end_marker
+
         if len(completions) != len(examples):
             raise ValueError(f"score_many needs as many completions as examples; got "
                              f"{len(completions)} and {len(examples)}.")
@@ -326,15 +329,16 @@ class FileTask(Task):
         programs, where = [], []
         for i, (c, ex) in enumerate(zip(completions, examples)):
             if ex.domain == "code" and is_test_program(ex.ground_truth):
-                programs.append(test_program(c, ex))
+                programs.append(with_end_marker(test_program(c, ex)))
                 where.append(i)
             else:
                 scores[i] = self.score(c, ex)
         if programs:
-            from poise_probe.sandbox import run_many
+            from poise_probe.sandbox import ran_to_the_end, run_many
 
-            for i, res in zip(where, run_many(programs)):
-                scores[i] = float(res.passed)
+            results = run_many([p for p, _ in programs])
+            for i, res, (_, marker) in zip(where, results, programs):
+                scores[i] = float(ran_to_the_end(res, marker))
         return [float(s) for s in scores]
 
 

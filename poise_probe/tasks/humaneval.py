@@ -119,17 +119,19 @@ class HumanEvalTask(Task):
 
     def score(self, completion: str, example: Example) -> float:
         """1.0 if the completion passes the problem's tests in the sandbox, else 0.0."""
-        from poise_probe.sandbox import run_python
+        from poise_probe.sandbox import ran_to_the_end, run_python, with_end_marker
 
-        return float(run_python(build_program(completion, example), limits=self.limits).passed)
+        program, marker = with_end_marker(build_program(completion, example))
+        return float(ran_to_the_end(run_python(program, limits=self.limits), marker))
 
     def score_many(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
         """`score` for aligned lists, the programs run in parallel by `sandbox.run_many`."""
-        from poise_probe.sandbox import run_many
+        from poise_probe.sandbox import ran_to_the_end, run_many, with_end_marker
 
         if len(completions) != len(examples):
             raise ValueError(f"score_many needs as many completions as examples; got "
                              f"{len(completions)} and {len(examples)}.")
-        programs = [build_program(c, e) for c, e in zip(completions, examples)]
-        results = run_many(programs, limits=self.limits, max_workers=self.max_workers)
-        return [float(r.passed) for r in results]
+        marked = [with_end_marker(build_program(c, e)) for c, e in zip(completions, examples)]
+        results = run_many([p for p, _ in marked], limits=self.limits,
+                           max_workers=self.max_workers)
+        return [float(ran_to_the_end(r, m)) for r, (_, m) in zip(results, marked)]
