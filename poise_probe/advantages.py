@@ -242,6 +242,15 @@ def _group_mean_std(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]
         # verl's compute_grpo_outcome_advantage sets mean 0, std 1 for a lone rollout, so A = r / (1 + eps).
         logger.warning("%d prompt group(s) have a single rollout (e.g. group %s); using mean 0 and std 1 "
                        "for them as verl does.", int(lone.sum()), uniq[lone][0].item())
+    # a group of equal rewards: its mean is that reward and its std 0 exactly (sum / k rounds,
+    # and GRPO would divide the rounding error by a std made of the same error: |A| ~ 0.1)
+    top = torch.full((len(uniq),), -torch.inf, dtype=rewards.dtype).scatter_reduce(
+        0, inverse, rewards, "amax")
+    low = torch.full((len(uniq),), torch.inf, dtype=rewards.dtype).scatter_reduce(
+        0, inverse, rewards, "amin")
+    constant = top == low
+    mean_g = torch.where(constant, top, mean_g)
+    var_g = torch.where(constant, torch.zeros_like(var_g), var_g)
     mean_g = torch.where(lone, torch.zeros_like(mean_g), mean_g)
     std_g = torch.where(lone, torch.ones_like(var_g), var_g.sqrt())
     return mean_g[inverse], std_g[inverse]

@@ -385,7 +385,7 @@ def resolve_alias(key: str, value: Any) -> tuple[tuple[str, str], Any]:
     if bare in ALIASES and (key == bare or key.split(".", 1)[0] == ALIASES[bare][0].split(".")[0]):
         canonical, values = ALIASES[bare]
         if values is not None:
-            if value not in values:
+            if not isinstance(value, typing.Hashable) or value not in values:
                 raise ValueError(f"{key}={value!r}: {key} maps to {canonical} only for "
                                  f"{sorted(values)}; set {canonical} to one of "
                                  f"{list(LOSS_AGG_MODES) if 'loss_agg' in canonical else ''} "
@@ -443,8 +443,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, text = item.split("=", 1)
     try:
         value = yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError as exc:
-        raise ValueError(f"override {item!r}: value {text!r} is not valid YAML ({exc}).") from exc
+    except Exception as exc:  # YAMLError, and PyYAML's own bugs on some tags (!!int, !!timestamp)
+        raise ValueError(f"override {item!r}: value {text!r} is not valid YAML "
+                         f"({type(exc).__name__}: {exc}).") from exc
     return key.strip(), value
 
 
@@ -518,7 +519,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ValueError(f"config key {key} must be an integer; got {value!r}.")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ValueError(f"config key {key}: {str(value)[:20]}... is beyond the range of "
+                                 f"a float; give a number below 1.8e308.") from None
         if isinstance(value, str):  # YAML reads 1e-6 (no dot) as a string
             try:
                 return float(value)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from poise_probe.config_fields import choice, nonneg, opt, positive, unit
+from poise_probe.config_fields import above, choice, nonneg, opt, positive, unit
 
 GROUP_VARIANCES = ("empirical", "analytic", "smoothed")
 INVALID_MODES = ("mask", "penalty")
@@ -35,8 +35,7 @@ class GroupConfig:
     def __post_init__(self):
         choice("group.invalid", self.invalid, INVALID_MODES)
         choice("group.variance", self.variance, GROUP_VARIANCES)
-        if self.smoothing <= 0:
-            raise ValueError(f"group.smoothing must be > 0; got {self.smoothing}.")
+        above("group.smoothing", self.smoothing)
         if not math.isfinite(self.invalid_penalty):
             raise ValueError(f"group.invalid_penalty must be a finite number (the advantage of "
                              f"an invalid rollout); got {self.invalid_penalty}.")
@@ -64,15 +63,14 @@ class CriticConfig:
 
     def __post_init__(self):
         choice("critic.init", self.init, CRITIC_INITS)
-        if self.lr <= 0:
-            raise ValueError(f"critic.lr must be > 0; got {self.lr}.")
+        above("critic.lr", self.lr)
+        nonneg("critic.weight_decay", self.weight_decay)
         positive("critic.epochs", self.epochs)
         if self.mini_batch_prompts is not None:
             positive("critic.mini_batch_prompts", self.mini_batch_prompts)
         if self.micro_batch_size is not None:
             positive("critic.micro_batch_size", self.micro_batch_size)
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"critic.max_grad_norm must be > 0; got {self.max_grad_norm}.")
+        above("critic.max_grad_norm", self.max_grad_norm)
         if self.value_clip is not None and not self.value_clip > 0:
             raise ValueError(f"critic.value_clip must be > 0 or None (no clipping); got "
                              f"{self.value_clip}.")
@@ -106,8 +104,7 @@ class HistaConfig:
                              f"1 - alpha^(k+1)); got {self.alpha}.")
         positive("hista.mean_window", self.mean_window)
         positive("hista.min_interval", self.min_interval)
-        if self.min_d <= 0:
-            raise ValueError(f"hista.min_d must be > 0; got {self.min_d}.")
+        above("hista.min_d", self.min_d)
         positive("hista.min_k", self.min_k)
         if self.max_k < self.min_k:
             raise ValueError(f"hista.max_k ({self.max_k}) must be >= hista.min_k ({self.min_k}).")

@@ -61,7 +61,7 @@ def read_meta(run_dir: Path) -> dict:
 def _decode_metric_line(line: bytes) -> dict | None:
     try:
         record = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, a 5000-digit number, deep nesting
         return None
     if not isinstance(record, dict):
         return None

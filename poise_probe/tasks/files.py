@@ -102,20 +102,27 @@ def _read_raw(path: Path) -> list[tuple[str, Any]]:
         rows = []
         # surrogateescape: a byte that is not UTF-8 is reported with its line, not as a bare
         # UnicodeDecodeError; utf-8-sig accepts the byte-order mark some editors write.
-        with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
+        # newline="\n": JSON Lines ends lines with \n only; a \r inside a line is whitespace
+        with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="\n") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
-                _check_utf8(line, f"{path} line {lineno}")
+                where = f"{path} line {lineno}"
+                _check_utf8(line, where)
                 try:
-                    rows.append((f"line {lineno}", json.loads(line)))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     cut = ("" if line.endswith("\n") else " The last line has no newline at its "
                            "end, so the file looks cut off (an interrupted write or copy): "
                            "restore the whole file or delete that partial line.")
-                    raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg} at column "
-                                     f"{e.colno}); each line must be one JSON object.{cut}"
-                                     ) from e
+                    raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); "
+                                     f"each line must be one JSON object.{cut}") from e
+                except (ValueError, RecursionError) as e:  # a 5000-digit number, deep nesting
+                    raise ValueError(f"{where}: JSON this reader refuses ({type(e).__name__}: "
+                                     f"{str(e)[:120]}); each line must be one plain JSON "
+                                     f"object.") from None
+                _check_strings(row, where)
+                rows.append((f"line {lineno}", row))
         return rows
     if suffix == ".json":
         text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
@@ -125,6 +132,10 @@ def _read_raw(path: Path) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column "
                              f"{e.colno}); a .json task file holds one list of rows.") from e
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{path}: JSON this reader refuses ({type(e).__name__}: "
+                             f"{str(e)[:120]}); a .json task file holds one list of rows.") from None
+        _check_strings(data, str(path))
         if not isinstance(data, list):
             raise ValueError(f"{path}: top level is a {type(data).__name__}; a .json task file "
                              f"holds a list of row objects (use .jsonl for one row per line).")
@@ -142,6 +153,17 @@ def _read_raw(path: Path) -> list[tuple[str, Any]]:
         return [(f"row {i}", _from_parquet(row)) for i, row in enumerate(rows)]
     raise ValueError(f"task file {str(path)!r} has unsupported extension {path.suffix!r}; use "
                      f"one of {SUFFIXES}.")
+
+
+def _check_strings(value: Any, where: str) -> None:
+    """ValueError when a string decoded from JSON holds an unpaired surrogate (an escape such as
+    \\ud800 with no partner): it is no text, and would fail later where it is encoded."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: a string holds an unpaired surrogate escape "
+                         f"(\\u{ord(e.object[e.start]):04x}), which is not text; write the "
+                         f"character itself or a valid escape pair.") from None
 
 
 def _check_utf8(text: str, where: str) -> None:
