@@ -30,6 +30,12 @@ test-fast: setup
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
 
+# tests/reliability alone (also part of `make test`); RELIABILITY_FULL=1: the soak variants
+RELIABILITY_FULL ?=
+.PHONY: reliability
+reliability: setup
+	POISE_RELIABILITY_FULL=$(RELIABILITY_FULL) $(VENV)/bin/pytest -q tests/reliability $(PYTEST_ARGS)
+
 # The probe-study notebooks (notebooks/README.md): capture the tiny reasoner's rollouts (resumes,
 # or only checks, a capture already there), then build notebooks/*.ipynb from their jupytext
 # sources notebooks/NN_*.py and execute them, saving the outputs.

@@ -120,7 +120,7 @@ def error_line(exc: BaseException) -> str:
     if not isinstance(exc, (*_USER_ERRORS, RunLockedError)):
         first = msg.strip().splitlines()[0] if msg.strip() else ""
         msg = f"{type(exc).__name__}: {first} (run `poise --verbose ...` for the traceback)"
-    return msg
+    return " ".join(msg.split())        # one line, whatever the message's own layout
 
 
 def _add_eval(sub) -> None:

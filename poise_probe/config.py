@@ -358,7 +358,11 @@ def load_config_with_sources(path: str | Path | None = None, overrides: list[str
         try:
             raw = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
-            raise ValueError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"config file {str(p)!r} is not valid YAML: {what}{where}; fix "
+                             f"the file (yamllint names the same place).") from exc
         if raw is None or raw == {}:
             logging.getLogger(__name__).warning(
                 "config file %r is empty: every value not overridden is a default (see `poise "

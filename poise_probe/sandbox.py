@@ -10,8 +10,11 @@ What is enforced, from strongest to weakest setting (the child decides at start 
   new namespace) starts the program under a per-run unprivileged uid/gid (no supplementary groups,
   ``no_new_privs``), so ``RLIMIT_NPROC`` holds (root is exempt from it): a fork bomb stops at
   `max_processes`. The program cannot signal the host (it cannot even see host processes: ``/proc``
-  is the namespace's own), the network namespace has no usable interface (not even loopback), and
-  when the program exits or times out every process it started dies with the namespace.
+  is the namespace's own), the network namespace has no usable interface (not even loopback), an
+  empty read-only tmpfs over ``/run``, ``/tmp`` and ``/var/tmp`` hides the host's Unix sockets
+  bound to paths there (D-Bus, Docker, X11, ssh-agent: the network namespace does not cover
+  them), and when the program exits or times out every process it started dies with the
+  namespace.
   Directories on the interpreter's path that the sandbox uid could not traverse (e.g. ``/root``
   for a pyenv Python) are replaced by an empty tmpfs with the interpreter bind-mounted read-only.
 * Host is not root and unprivileged user namespaces work: the same namespaces inside a new user
@@ -69,6 +72,7 @@ _uids_in_use: set[int] = set()
 _uid_lock = threading.Lock()
 _warned = False
 _USE_NAMESPACES = True    # tests switch this off to exercise the no-namespace fallback
+_HIDE_SOCKET_DIRS = True  # tests switch this off to measure the layers beneath it
 
 _TAIL_BYTES = 4096        # stderr tail kept for classification even when the head is capped
 _TERM_GRACE_S = 2.0       # time the child's init gets to tear down after a timeout
@@ -348,7 +352,8 @@ def _start_child(code: str, stdin: str | None, limits: SandboxLimits, workdir: s
     status_r, status_w = os.pipe()
     cfg = {"status_fd": status_w, "parent_pid": os.getpid(), "workdir": workdir, "uid": uid,
            "gid": uid, "python": _PYTHON, "expose": expose, "env": _child_env(workdir),
-           "limits": asdict(limits), "namespaces": _USE_NAMESPACES}
+           "limits": asdict(limits), "namespaces": _USE_NAMESPACES,
+           "hide_dirs": _HIDE_SOCKET_DIRS}
     try:
         proc = subprocess.Popen(
             [_PYTHON, "-I", "-S", "-B", _CHILD, json.dumps(cfg)],

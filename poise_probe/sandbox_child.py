@@ -100,6 +100,27 @@ def lock_filesystem(probe_dir):
     raise RuntimeError(f"{probe_dir} is still writable after remounting read-only")
 
 
+#: the host's usual folders of Unix sockets bound to a path (/run: D-Bus, Docker, systemd;
+#: /tmp and /var/tmp: X11, ssh-agent, tmux, user daemons)
+SOCKET_DIRS = ("/run", "/tmp", "/var/tmp")
+
+
+def hide_socket_dirs(keep):
+    """An empty read-only tmpfs over each of SOCKET_DIRS: the network namespace does not cover
+    Unix sockets bound to a path, and connect() works on a read-only mount. A folder holding a
+    path in `keep` (the interpreter) stays. Returns the hidden folders."""
+    hidden = []
+    for d in SOCKET_DIRS:
+        real = os.path.realpath(d)
+        if not os.path.isdir(real) or real in hidden:
+            continue
+        if any(k == real or k.startswith(real + "/") for k in keep):
+            continue
+        mount("tmpfs", real, "tmpfs", NOSUID | NODEV | NOEXEC, "size=64k,nr_inodes=64,mode=755")
+        hidden.append(real)
+    return hidden
+
+
 def expose(paths, fds):
     """Make each path reachable for an unprivileged uid: a tmpfs over the first untraversable
     directory, the real directory bind-mounted read-only at the same place."""
@@ -226,19 +247,23 @@ def namespaced():
     lock_filesystem(os.path.dirname(cfg["workdir"]))
     if ROOT:
         expose(cfg["expose"], fds)
+    hidden = (hide_socket_dirs([*cfg["expose"], os.path.realpath(cfg["python"])])
+              if cfg.get("hide_dirs", True) else [])
     size = cfg["limits"]["disk_mb"]
     owner = f",uid={cfg['uid']},gid={cfg['gid']}" if ROOT else ""
     work = cfg["workdir"]
     if os.path.isdir("/dev/shm"):
         mount("tmpfs", "/dev/shm", "tmpfs", NOSUID | NODEV,
               f"size={size}m,nr_inodes=1024,mode=1777")
-    os.makedirs(work, exist_ok=True)  # new only if it lived under the /dev/shm just replaced
+    os.makedirs(work, exist_ok=True)  # new if it lived under a folder just hidden or replaced
     mount("tmpfs", work, "tmpfs", NOSUID | NODEV, f"size={size}m,nr_inodes=16384,mode=700{owner}")
     os.chdir(work)
     with open("main.py", "wb") as f:
         f.write(CODE)
     os.chmod("main.py", 0o644)
     feats = ["mount-ns", "read-only-fs", "private-tmpfs-workdir", "pid-ns", "ipc-ns"]
+    if hidden:
+        feats.append("hidden-socket-dirs")
     if not cfg["limits"]["allow_network"]:
         feats.append("net-ns")
     feats.append(f"uid={cfg['uid']}" if ROOT else "user-ns")

@@ -186,3 +186,29 @@ def test_a_non_finite_policy_is_never_checkpointed(tiny_model_dir, tmp_path):
     writer.close()
     assert tree_hash(out / "checkpoints") == before
     assert Path(out / "checkpoints" / "step_000001").is_dir()
+
+
+@pytest.mark.parametrize("text, says", [
+    ("optim:\n  lrr: 1.0e-5\n", "unknown config key optim.lrr (did you mean optim.lr?)"),
+    ("optimm:\n  lr: 1.0e-5\n", "unknown config section"),
+    ("optim:\n  lr: fast\n", "optim.lr must be a number; got 'fast'"),
+    ("optim:\n  betas: 0.9\n", "optim.betas must be a list"),
+    ("trainer:\n  total_steps: 2.5\n", "trainer.total_steps must be an integer"),
+    ("optim: [1, 2]\n", "must be a mapping"),
+    ("optim:\n  lr: [unclosed\n", "is not valid YAML: expected ',' or ']'"),
+])
+def test_a_bad_recipe_is_one_line_naming_the_key(tmp_path, capsys, text, says):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    assert main(["train", "--config", str(recipe), "--output", str(tmp_path / "r")]) == 2
+    line = _one_line(capsys)
+    assert says in line, line
+    assert recipe.read_text() == text and not (tmp_path / "r").exists()
+
+
+def test_an_unknown_task_is_one_line_and_creates_nothing(tiny_model_dir, tmp_path, capsys):
+    args = ["train", "--output", str(tmp_path / "r")] + tiny_overrides(tiny_model_dir)
+    assert main(args + ["data.tasks=[no_such_task]"]) == 2
+    line = _one_line(capsys)
+    assert "unknown task 'no_such_task'" in line and "known:" in line, line
+    assert not (tmp_path / "r").exists()
