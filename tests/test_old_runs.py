@@ -39,10 +39,15 @@ def test_a_v1_run_resumes_into_v2(tmp_path):
         "probe.snapshot_every": 1, "probe.buffer_caps": "{all: 64}",
         "trainer.total_steps": 3, "trainer.save_every": 2, "trainer.keep_checkpoints": 1,
     }.items()])
-    train(cfg, run, resume=True)
+    # the fixture's model (/tmp/v1model) is gone: it resumes from its own checkpoint's copy,
+    # a model.path change the resume refuses unless allowed, and records
+    with pytest.raises(ValueError, match="would change what the run is \\(model.path"):
+        train(cfg, run, resume=True)
+    train(cfg, run, resume=True, allow_change=True)
     r = RunReader(run)
     meta = json.loads((run / "meta.json").read_text())
     assert meta["schema_version"] == 2 and meta["resumes"][-1]["schema_version_from"] == 1
+    assert meta["resumes"][-1]["config_changes"]["model.path"][0] == "/tmp/v1model"
     assert "token_pieces" not in r.rollouts(2).columns
     new = r.rollouts(3)
     assert "token_pieces" in new.columns and "probe_target" in new.columns

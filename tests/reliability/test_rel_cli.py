@@ -38,6 +38,7 @@ def small_run(tiny_model_dir, tmp_path_factory):
     ("optim.max_grad_norm=-1", "optim.max_grad_norm"),
     ("optim.betas=[0.9]", "optim.betas"),
     ("probe.snapshot_every=0", "probe.snapshot_every"),
+    ("probe.pca_prompt=0", "probe.pca_prompt"),
     ("data.task_kwargs={arith: {nope: 1}}", "unknown knob(s) ['nope']"),
 ])
 def test_bad_config_values_are_one_line_naming_the_field(tiny_model_dir, tmp_path, capsys,

@@ -62,7 +62,8 @@ def _read_everything(run: Path, reader: RunReader, live_rows: list[dict], seen: 
     for step, folder in reader.checkpoints():
         assert folder.name == f"step_{step:06d}"
     t = data.tail(str(run))
-    assert not t.warnings, t.warnings
+    # before the first line is logged the tail says so; anything else would be a torn record
+    assert not [w for w in t.warnings if "does not exist yet" not in w], t.warnings
     frame, warnings = data.load_rollouts(str(run))
     assert not warnings, warnings
     assert frame.empty or frame["step"].notna().all()
