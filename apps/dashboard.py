@@ -26,6 +26,7 @@ PAGES = [
     st.Page(VIEWS / "probe.py", title="Probe", icon=":material/target:"),
     st.Page(VIEWS / "rollouts.py", title="Rollouts", icon=":material/article:"),
     st.Page(VIEWS / "studies.py", title="Studies", icon=":material/science:"),
+    st.Page(VIEWS / "search.py", title="Search", icon=":material/account_tree:"),
 ]
 
 page = st.navigation(PAGES)

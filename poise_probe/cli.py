@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(sub)
     _add_value_bench(sub)
     _add_ablate(sub)
+    _add_search(sub)
     from poise_probe.study.commands import add_probe_parser
 
     add_probe_parser(sub)
@@ -402,6 +403,60 @@ def _run_ablate(args) -> int:
             progress=lambda msg: print(f"ablate: {msg}", file=sys.stderr, flush=True))
     with _pd_options():
         print(tables["summary"].round(3).to_string(index=False))
+    return 0
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser(
+        "search", help="mechanism search: evolve estimator, normalisation, masking, clipping, "
+                       "probe and lr settings at a fixed token budget",
+        description="An evolutionary search over this trainer's configurations on the demo "
+                    "recipe (the bundled tiny reasoner): each trial is a short training run at "
+                    "a fixed generated-token budget, scored by held-out accuracy on the task "
+                    "mix. Parents are chosen by the acquisition rule (performance, diversity, "
+                    "lineage gain; docs/search.md), children by mutation and crossover and kept "
+                    "when the config accepts them. The best candidates are rerun with other "
+                    "seeds. The archive (OUTPUT/archive.json), every trial's run "
+                    "(OUTPUT/trials/tNNNN) and the summary (a study folder) survive a kill: "
+                    "rerunning the command resumes without repeating finished trials. "
+                    "`poise dashboard OUTPUT` shows the family tree (Search page).")
+    p.add_argument("--output", required=True, help="search folder (archive, trials, summary)")
+    p.add_argument("--budget", type=int, required=True,
+                   help="generated tokens per trial (tokens/sampled, every generation round)")
+    p.add_argument("--trials", type=int, required=True,
+                   help="configurations to evaluate (the repeats come on top)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="trials trained at once, in separate processes (one torch thread each)")
+    p.add_argument("--init", type=int, default=3,
+                   help="initial population: the base recipe and random valid configurations")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="best candidates rerun with other seeds to measure the seed variation")
+    p.add_argument("--seeds-per-repeat", type=int, default=2,
+                   help="extra seeds for each repeated candidate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the proposals and of the runs")
+    p.add_argument("--eval-n", type=int, default=50, help="held-out prompts per task")
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt")
+    p.add_argument("--no-png", action="store_true", help="skip PNG export (HTML/JSON only)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=OVERRIDES_HELP + ", applied to the base recipe (the demo's) before each "
+                                         "trial's genes")
+    p.set_defaults(func=_run_search)
+
+
+def _run_search(args) -> int:
+    from poise_probe.search import run_search
+
+    with quiet_library_bars():
+        tables = run_search(
+            args.output, budget=args.budget, trials=args.trials, workers=args.workers,
+            seed=args.seed, repeats=args.repeats, seeds_per_repeat=args.seeds_per_repeat,
+            init=args.init, eval_n=args.eval_n, eval_samples=args.eval_samples,
+            base=DEMO_OVERRIDES + list(args.overrides), png=not args.no_png,
+            progress=lambda msg: print(f"search: {msg}", file=sys.stderr, flush=True))
+    with _pd_options():
+        print(tables["best"].drop(columns=["overrides"]).round(3).to_string(index=False))
+    print(f"written to {args.output} (poise dashboard {args.output}: the Search page)",
+          file=sys.stderr)
     return 0
 
 

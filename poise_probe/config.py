@@ -199,6 +199,9 @@ class ProbeConfig:
         _positive("probe.prompt_window", self.prompt_window)
         _positive("probe.reasoning_window", self.reasoning_window)
         _above("probe.alpha", self.alpha)
+        for key in ("pca_prompt", "pca_reasoning"):
+            if getattr(self, key) is not None:
+                _positive(f"probe.{key}", getattr(self, key))
         if not self.buffer_caps or any(v < 2 for v in self.buffer_caps.values()):
             raise ValueError(f"probe.buffer_caps needs at least one bucket with >= 2 rows; got "
                              f"{self.buffer_caps}.")
@@ -256,6 +259,10 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     total_steps: int = opt(50, 'training steps')
+    token_budget: int | None = opt(
+        None, 'stop after the step at which the generated tokens (tokens/sampled: every '
+              'generation round) reach this, evaluating and saving there; total_steps stays the '
+              'cap; None: no budget')
     seed: int = opt(0, 'seed of prompts, sampling and the update order')
     output_dir: str = opt("runs/poise", 'run directory when --output is not given')
     save_every: int = opt(10, 'checkpoint every this many steps (and at the last)')
@@ -271,6 +278,8 @@ class TrainerConfig:
         for name in self.report_to:
             _choice("trainer.report_to[]", name, SINK_NAMES)
         _positive("trainer.total_steps", self.total_steps)
+        if self.token_budget is not None:
+            _positive("trainer.token_budget", self.token_budget)
         _positive("trainer.save_every", self.save_every)
         _positive("trainer.keep_checkpoints", self.keep_checkpoints)
         _positive("trainer.log_rollouts_every", self.log_rollouts_every)

@@ -223,9 +223,12 @@ def _train(cfg: Config, out: Path, resume: bool, progress, stop_after, allow_cha
             started(state.step)
         if state.step == 0:
             _evaluate(run, step=0)
+        budget = cfg.trainer.token_budget
+        tokens = _tokens_so_far(out) if budget is not None and state.step > 0 else 0
         for step in range(state.step + 1, cfg.trainer.total_steps + 1):
             metrics = train_step(step, run)
-            last = step == cfg.trainer.total_steps
+            tokens += int(metrics.get("tokens/sampled", 0))
+            last = step == cfg.trainer.total_steps or (budget is not None and tokens >= budget)
             if last or (cfg.data.eval_every and step % cfg.data.eval_every == 0):
                 t = time.perf_counter()
                 metrics.update(_evaluate(run, step=step, log=False))
@@ -241,6 +244,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress, stop_after, allow_cha
             if stop_after is not None and step >= stop_after:
                 writer.release()
                 return out
+            if last:
+                break
     except KeyboardInterrupt as exc:      # Ctrl-C or SIGTERM: the step in flight is abandoned
         with _no_more_stops():
             saved = writer.latest_checkpoint()
@@ -418,6 +423,13 @@ def _evaluate(run: Run, step: int, log: bool = True) -> dict:
         run.writer.log_metrics(step, m)
         run.tracker.log(step, m)
     return m
+
+
+def _tokens_so_far(run_dir: Path) -> int:
+    """Generated tokens of the steps a resumed run kept (`tokens/sampled` of metrics.jsonl)."""
+    from poise_probe.rundir import RunReader
+
+    return int(sum(m.get("tokens/sampled", 0) or 0 for m in RunReader(run_dir).metrics()))
 
 
 def _param_dtype(cfg: Config) -> torch.dtype:
