@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -425,8 +426,9 @@ def _add_search(sub) -> None:
                    help="generated tokens per trial (tokens/sampled, every generation round)")
     p.add_argument("--trials", type=int, required=True,
                    help="configurations to evaluate (the repeats come on top)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="trials trained at once, in separate processes (one torch thread each)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="trials trained at once, in separate processes (one torch thread each); "
+                        "default: one per CPU core")
     p.add_argument("--init", type=int, default=3,
                    help="initial population: the base recipe and random valid configurations")
     p.add_argument("--repeats", type=int, default=2,
@@ -448,7 +450,8 @@ def _run_search(args) -> int:
 
     with quiet_library_bars():
         tables = run_search(
-            args.output, budget=args.budget, trials=args.trials, workers=args.workers,
+            args.output, budget=args.budget, trials=args.trials,
+            workers=args.workers if args.workers is not None else (os.cpu_count() or 1),
             seed=args.seed, repeats=args.repeats, seeds_per_repeat=args.seeds_per_repeat,
             init=args.init, eval_n=args.eval_n, eval_samples=args.eval_samples,
             base=DEMO_OVERRIDES + list(args.overrides), png=not args.no_png,
