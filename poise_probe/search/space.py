@@ -34,6 +34,7 @@ _SETTERS = {
     "validity_mask": lambda v: [f"group.validity_mask={str(v).lower()}"],
     "clip_low": lambda v: [f"algorithm.epsilon={v}"],
     "clip_high": lambda v: [f"algorithm.epsilon_high={v}"],
+    "ppo_epochs": lambda v: [f"optim.ppo_epochs={v}"],
     "rollouts_per_prompt": lambda k: [f"rollout.num_generations={k}",
                                       f"rollout.prompts_per_step={ROLLOUTS_PER_STEP // k}",
                                       f"optim.mini_batch_prompts={ROLLOUTS_PER_STEP // k}"],
@@ -50,6 +51,8 @@ GENES: tuple[Gene, ...] = (
     Gene("validity_mask", (False, True), "group.validity_mask: statistics over valid rollouts"),
     Gene("clip_low", (0.1, 0.2, 0.3), "algorithm.epsilon"),
     Gene("clip_high", (0.2, 0.28, 0.4), "algorithm.epsilon_high"),
+    Gene("ppo_epochs", (1, 2), "optim.ppo_epochs: passes over each step's batch; the clip "
+                               "ranges act only from the second (the first is on-policy)"),
     Gene("rollouts_per_prompt", (2, 4, 8),
          f"rollout.num_generations, with {ROLLOUTS_PER_STEP} rollouts per step"),
     Gene("probe_layer", (1, 2, 3, 4, 5), "probe.layer (POISE's probe and shadow probe)"),
@@ -59,7 +62,7 @@ GENES: tuple[Gene, ...] = (
 
 #: the base recipe's own values, the search's first candidate (the demo recipe with POISE)
 BASELINE = {"estimator": "poise", "normalisation": "empirical", "validity_mask": False,
-            "clip_low": 0.2, "clip_high": 0.28, "rollouts_per_prompt": 2, "probe_layer": 3,
+            "clip_low": 0.2, "clip_high": 0.28, "ppo_epochs": 1, "rollouts_per_prompt": 2, "probe_layer": 3,
             "probe_alpha": 10.0, "lr": 5e-5}
 
 
