@@ -63,6 +63,17 @@ def roots() -> tuple[str, ...]:
     return tuple(st.session_state.get("roots", []))
 
 
+def root_label(path: str) -> str:
+    """`path` relative to the first dashboard folder holding it (its name when it is one)."""
+    for root in roots():
+        try:
+            rel = Path(path).relative_to(root)
+            return str(rel) if str(rel) != "." else Path(path).name
+        except ValueError:
+            continue
+    return path
+
+
 def all_runs() -> list[RunRef]:
     return run_index.discover_runs(roots())[0]
 

@@ -27,23 +27,13 @@ if not searches:
     st.stop()
 
 
-def _label(path: str) -> str:
-    for root in ui.roots():
-        try:
-            rel = Path(path).relative_to(root)
-            return str(rel) if str(rel) != "." else Path(path).name
-        except ValueError:
-            continue
-    return path
-
-
 ui.query_default("se_search", "search",
-                 lambda v: next(s for s in searches if _label(s) == v))
+                 lambda v: next(s for s in searches if ui.root_label(s) == v))
 if st.session_state.get("se_search") not in searches:
     st.session_state.pop("se_search", None)
-labels = {s: _label(s) for s in searches}
+labels = {s: ui.root_label(s) for s in searches}
 folder = st.selectbox("search", searches, key="se_search", format_func=labels.__getitem__)
-ui.set_query(search=_label(folder))
+ui.set_query(search=ui.root_label(folder))
 
 
 def _open(paths: list[Path]) -> None:
@@ -154,7 +144,7 @@ def body() -> None:
     _table(search)
     if folder in study_files.discover_studies(ui.roots()):
         st.page_link("views/studies.py", label="The search's tables and saved figure on Studies",
-                     icon=":material/science:", query_params={"study": _label(folder)})
+                     icon=":material/science:", query_params={"study": ui.root_label(folder)})
 
 
 def _active() -> bool:

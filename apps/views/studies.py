@@ -20,22 +20,12 @@ if not studies:
     st.stop()
 
 
-def _label(path: str) -> str:
-    for root in ui.roots():
-        try:
-            rel = Path(path).relative_to(root)
-            return str(rel) if str(rel) != "." else Path(path).name
-        except ValueError:
-            continue
-    return path
-
-
-ui.query_default("st_study", "study", lambda v: next(s for s in studies if _label(s) == v))
+ui.query_default("st_study", "study", lambda v: next(s for s in studies if ui.root_label(s) == v))
 if st.session_state.get("st_study") not in studies:
     st.session_state.pop("st_study", None)
-labels = {s: _label(s) for s in studies}  # a pure format_func (no session state inside)
+labels = {s: ui.root_label(s) for s in studies}  # a pure format_func (no session state inside)
 study = st.selectbox("study", studies, key="st_study", format_func=labels.__getitem__)
-ui.set_query(study=_label(study))
+ui.set_query(study=ui.root_label(study))
 meta = study_files.study_meta(study)
 facts = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) and k != "kind"}
 if facts:
@@ -49,7 +39,7 @@ except OSError as err:
     st.warning(f"cannot list {study}: {err}")
     st.stop()
 if not sections:
-    st.info(f"{_label(study)} holds no table or figure yet.")
+    st.info(f"{ui.root_label(study)} holds no table or figure yet.")
     st.stop()
 
 
@@ -98,7 +88,7 @@ names = list(sections)
 ui.query_default("st_sections", "show", lambda v: [x for x in v.split(",") if x in names])
 shown = st.pills("analyses", names, selection_mode="multi", key="st_sections",
                  **ui.default("st_sections", names, "default"))
-ui.set_query(study=_label(study), show=",".join(shown) if set(shown) != set(names) else None)
+ui.set_query(study=ui.root_label(study), show=",".join(shown) if set(shown) != set(names) else None)
 for name in [n for n in names if n in shown]:
     items = sections[name]
     st.subheader(name)

@@ -29,8 +29,11 @@ FULL = os.environ.get("POISE_RELIABILITY_FULL") == "1"
 
 
 def tree_hash(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under `root` (folders as "dir"): two equal hashes
-    mean nothing was written, renamed or removed."""
+    """{relative path: sha256} of every file under `root` (folders as "dir"; a single file
+    hashes as {name: sha256}): two equal hashes mean nothing was written, renamed or removed."""
+    root = Path(root)
+    if root.is_file():
+        return {root.name: hashlib.sha256(root.read_bytes()).hexdigest()}
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames:

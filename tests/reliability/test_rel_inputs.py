@@ -18,38 +18,20 @@ directory) or in memory (the probe bank), that nothing of it changed. Cases:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
+from rel_helpers import tree_hash
 
 from poise_probe.tasks import TASKS, get_task, register_task
 from poise_probe.tasks.base import Example
 from poise_probe.tasks.builtin import ArithTask
 from poise_probe.tasks.files import write_rows
-
-
-def _tree_hash(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under `root` (folders as "dir"); a single file
-    hashes as {name: sha256}."""
-    root = Path(root)
-    if root.is_file():
-        return {root.name: hashlib.sha256(root.read_bytes()).hexdigest()}
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, name), root)] = "dir"
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            out[os.path.relpath(path, root)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,11 +110,11 @@ JSONL_CASES = [
 def test_bad_jsonl_task_file_names_file_line_and_field_and_is_unchanged(tmp_path, text, match):
     path = tmp_path / "data.jsonl"
     path.write_bytes(text.encode("utf-8", errors="surrogateescape"))
-    before = _tree_hash(tmp_path)
+    before = tree_hash(tmp_path)
     with pytest.raises(ValueError, match=match) as info:
         get_task(str(path))
     assert str(path) in str(info.value)  # the full path, so the user can find the file
-    assert _tree_hash(tmp_path) == before  # nothing written, renamed or removed
+    assert tree_hash(tmp_path) == before  # nothing written, renamed or removed
 
 
 def _examples(n: int = 12) -> list[Example]:
@@ -147,13 +129,13 @@ def test_damaged_parquet_task_file_names_file_and_fix_and_is_unchanged(tmp_path,
     path.write_bytes({"truncated": data[:len(data) // 2],
                       "corrupt_footer": data[:-12] + b"\x00" * 8 + data[-4:],
                       "zero_bytes": b""}[damage])
-    before = _tree_hash(tmp_path)
+    before = tree_hash(tmp_path)
     with pytest.raises(ValueError, match=r"(?s)data\.parquet: not a readable Parquet file "
                                          r"\(.*\); it is truncated, corrupt or not Parquet: "
                                          r"write it again \(write_rows, or pandas "
                                          r"DataFrame\.to_parquet\) or copy it anew\.$"):
         get_task(str(path))
-    assert _tree_hash(tmp_path) == before
+    assert tree_hash(tmp_path) == before
 
 
 @pytest.mark.parametrize("column,values,match", [
@@ -174,19 +156,19 @@ def test_bad_parquet_rows_name_file_row_and_field(tmp_path, column, values, matc
     path = tmp_path / "data.parquet"
     rows = [{**_without("extra_info"), column: v} for v in values]  # ({} cannot be a struct)
     pq.write_table(pa.Table.from_pylist(rows), path)
-    before = _tree_hash(tmp_path)
+    before = tree_hash(tmp_path)
     with pytest.raises(ValueError, match=match):
         get_task(str(path))
-    assert _tree_hash(tmp_path) == before
+    assert tree_hash(tmp_path) == before
 
 
 def test_empty_parquet_file_has_no_rows(tmp_path):
     path = write_rows(tmp_path / "empty.parquet", [])
-    before = _tree_hash(tmp_path)
+    before = tree_hash(tmp_path)
     with pytest.raises(ValueError, match=r"task file '.*empty\.parquet' has no rows; add "
                                          r"verl-format rows"):
         get_task(str(path))
-    assert _tree_hash(tmp_path) == before
+    assert tree_hash(tmp_path) == before
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,12 +333,12 @@ def test_model_dir_that_is_not_a_causal_lm_is_refused(tmp_path):
     path = tmp_path / "bert"
     BertModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
-    before = _tree_hash(path)
+    before = tree_hash(path)
     with pytest.raises(ValueError, match=r"holds a 'bert' model \(BertModel\), which is not a "
                                          r"causal LM; POISE needs a decoder that generates text "
                                          r"\(AutoModelForCausalLM\)"):
         load_policy(path)
-    assert _tree_hash(path) == before
+    assert tree_hash(path) == before
 
 
 def test_model_dir_with_truncated_weights_is_refused(tmp_path, tiny_model_dir):
@@ -366,12 +348,12 @@ def test_model_dir_with_truncated_weights_is_refused(tmp_path, tiny_model_dir):
     shutil.copytree(tiny_model_dir, path)
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
-    before = _tree_hash(path)
+    before = tree_hash(path)
     with pytest.raises(ValueError, match=r"the weights could not be loaded \(SafetensorError: "
                                          r".*\); a weights file is truncated or corrupted: save "
                                          r"the model again"):
         load_policy(path)
-    assert _tree_hash(path) == before
+    assert tree_hash(path) == before
 
 
 def _word_tokenizer(vocab: list[str], split_chars: bool):
@@ -433,7 +415,7 @@ def test_run_from_a_newer_format_is_refused_and_left_unchanged(tmp_path):
     stored = json.loads(meta_path.read_text())
     assert stored["schema_version"] == SCHEMA_VERSION < 99
     meta_path.write_text(json.dumps({**stored, "schema_version": 99}))
-    before = _tree_hash(run)
+    before = tree_hash(run)
 
     with pytest.raises(ValueError, match=rf"meta\.json: run written with schema_version 99, "
                                          rf"newer than this poise_probe .* reads \(<= "
@@ -442,8 +424,8 @@ def test_run_from_a_newer_format_is_refused_and_left_unchanged(tmp_path):
     with pytest.raises(ValueError, match=r"schema_version 99, newer than this poise_probe .*"
                                          r"upgrade poise_probe"):
         RunWriter(run, config=config, meta=meta, resume=True)
-    assert _tree_hash(run) == before
+    assert tree_hash(run) == before
     with pytest.raises(FileExistsError, match=r"already holds a run \(it has meta\.json\); pass "
                                               r"--resume"):
         RunWriter(run, config=config, meta=meta)
-    assert _tree_hash(run) == before
+    assert tree_hash(run) == before
