@@ -23,7 +23,7 @@ import pandas as pd
 import streamlit as st
 
 from poise_dash.data import file_identity
-from poise_probe.search.figures import best_trial, run_name
+from poise_probe.search.figures import best_trial, ranked, run_name, seed_scores
 
 SEARCH_KIND = "poise-mechanism-search"
 SEARCH_VERSION = 1
@@ -187,19 +187,9 @@ def load_search(folder: str) -> tuple[Search | None, str | None]:
 def seed_stats(search: Search) -> dict[int, tuple[int, float, float]]:
     """{trial id: (n seeds, mean, sd)} for each trial that has scored repeats (trials whose
     repeat_of is its id): over its own score and its repeats' scores, as `poise search`'s
-    `best` table counts them; sd with ddof=1."""
-    repeats: dict[int, list[float]] = {}
-    for t in search.trials:
-        if t["repeat_of"] is not None and t["score"] is not None:
-            repeats.setdefault(t["repeat_of"], []).append(float(t["score"]))
-    out = {}
-    by_id = search.by_id
-    for tid, scores in repeats.items():
-        own = by_id.get(tid, {}).get("score")
-        values = ([float(own)] if own is not None else []) + scores
-        sd = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
-        out[tid] = (len(values), float(np.mean(values)), sd)
-    return out
+    `best` table counts them (`poise_probe.search.figures.seed_scores`); sd with ddof=1."""
+    return {i: (len(v), float(np.mean(v)), float(np.std(v, ddof=1)))
+            for i, v in seed_scores(search.trials).items() if len(v) > 1}
 
 
 def _column(values: list) -> list:
@@ -254,9 +244,8 @@ def trial_table(search: Search, repeats: bool = False) -> pd.DataFrame:
 
 
 def best_trials(search: Search, n: int = 3) -> list[dict]:
-    """The `n` highest-scored non-repeat trials, best first."""
-    scored = [t for t in search.trials if t["repeat_of"] is None and t["score"] is not None]
-    return sorted(scored, key=lambda t: (-t["score"], t["id"]))[:n]
+    """The `n` best non-repeat trials (by the mean over their seeds, as `poise search` ranks)."""
+    return ranked(search.trials)[:n]
 
 
 def is_active(search: Search, recent_s: float = 600.0) -> bool:

@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 __all__ = ["TreeLayout", "best_trial", "family_tree_figure", "gene_diff", "lineage_depths",
-           "run_name", "tree_layout", "tree_trials"]
+           "ranked", "run_name", "seed_scores", "tree_layout", "tree_trials"]
 
 UNSCORED = "#b0b0b0"
 
@@ -26,10 +26,28 @@ def _num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def seed_scores(trials: list[dict]) -> dict[int, list[float]]:
+    """{trial id: [its score, then its repeats' scores]} for every scored non-repeat trial."""
+    out = {t["id"]: [float(t["score"])] for t in trials
+           if t.get("repeat_of") is None and _num(t.get("score"))}
+    for t in trials:
+        if t.get("repeat_of") in out and _num(t.get("score")):
+            out[t["repeat_of"]].append(float(t["score"]))
+    return out
+
+
+def ranked(trials: list[dict]) -> list[dict]:
+    """Scored non-repeat trials, best first: by the mean over their seeds (their own score and
+    their repeats'), then more seeds, then the older trial."""
+    scores, by_id = seed_scores(trials), {t["id"]: t for t in trials}
+    order = sorted(scores, key=lambda i: (-float(np.mean(scores[i])), -len(scores[i]), i))
+    return [by_id[i] for i in order]
+
+
 def best_trial(trials: list[dict]) -> dict | None:
-    """The scored non-repeat trial with the highest score (lowest id on ties)."""
-    scored = [t for t in trials if t.get("repeat_of") is None and _num(t.get("score"))]
-    return min(scored, key=lambda t: (-t["score"], t["id"])) if scored else None
+    """The first of `ranked`: the best mean over seeds."""
+    order = ranked(trials)
+    return order[0] if order else None
 
 
 def tree_trials(trials: list[dict]) -> list[dict]:

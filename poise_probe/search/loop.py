@@ -254,15 +254,19 @@ def summarise(arch: Archive) -> dict[str, pd.DataFrame]:
         row.update({f"acq.{k}": v for k, v in terms.get(t.id, {}).items()})
         rows.append(row)
     trials = pd.DataFrame(rows)
+    from poise_probe.search.figures import ranked, seed_scores
+
+    plain = [asdict(t) for t in arch.trials]
+    scores, by_id = seed_scores(plain), {t.id: t for t in arch.trials}
     best, groups = [], []
-    for t in sorted(arch.evaluated(), key=lambda t: (-(t.score or -1), t.id)):
-        scores = [t.score] + [r.score for r in arch.repeats(t.id) if r.score is not None]
-        sd = float(np.std(scores, ddof=1)) if len(scores) > 1 else math.nan
+    for row in ranked(plain):
+        t, values = by_id[row["id"]], scores[row["id"]]
+        sd = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
         best.append({"run": t.run_name, "label": describe(t.genes), "score": t.score,
-                     "n_seeds": len(scores), "mean": float(np.mean(scores)), "sd": sd,
+                     "n_seeds": len(values), "mean": float(np.mean(values)), "sd": sd,
                      "overrides": " ".join(_gene_overrides(t))})
-        if len(scores) > 1:
-            groups.append(scores)
+        if len(values) > 1:
+            groups.append(values)
     pooled = (math.sqrt(sum((len(g) - 1) * np.var(g, ddof=1) for g in groups)
                         / sum(len(g) - 1 for g in groups)) if groups else math.nan)
     seed_variation = pd.DataFrame([{"candidates": len(groups),
