@@ -90,13 +90,19 @@ def load_checkpoint_into(state: TrainState, step: int, folder: Path) -> None:
 
 
 def resume(writer: RunWriter, state: TrainState) -> int:
-    """Load the run's latest checkpoint into `state`, drop later records; returns its step."""
+    """Resume `writer`'s run into `state`: load its newest checkpoint (a damaged one raises
+    before anything is written), start the writer if it was made with `start=False`, then drop
+    the records of later steps. Returns the step resumed from; 0 for a run killed before its
+    first checkpoint, which restarts from scratch in place (every step record dropped)."""
     found = writer.latest_checkpoint()
+    if found is not None:
+        load_checkpoint_into(state, *found)
+    if not writer.started:
+        writer.start()
+    writer.truncate_after(found[0] if found else -1)
     if found is None:
-        raise FileNotFoundError(f"--resume: {writer.run_dir} has no checkpoint to resume from; "
-                                f"start a new run instead (drop --resume).")
-    step, folder = found
-    load_checkpoint_into(state, step, folder)
-    writer.truncate_after(step)
-    logger.info("resumed %s from step %d", writer.run_dir, step)
-    return step
+        logger.warning("%s has no checkpoint yet (killed before its first save): restarting it "
+                       "from step 0 in place", writer.run_dir)
+        return 0
+    logger.info("resumed %s from step %d", writer.run_dir, found[0])
+    return found[0]

@@ -27,7 +27,8 @@ import torch
 
 from poise_probe import __version__
 from poise_probe.advantages import AdvantageResult, compute_advantages, poise_with_bootstrap
-from poise_probe.checkpoint import load_checkpoint_into, save_checkpoint
+from poise_probe.checkpoint import resume as resume_from_checkpoint
+from poise_probe.checkpoint import save_checkpoint
 from poise_probe.config import Config
 from poise_probe.data import PromptStream
 from poise_probe.evaluation import evaluate
@@ -196,17 +197,10 @@ def _train(cfg: Config, out: Path, resume: bool, progress, stop_after, allow_cha
                              "platform": platform.platform(), "probe_layer": layer,
                              "run_name": out.name})
     try:
-        found = writer.latest_checkpoint() if resume else None
-        if found is not None:
-            load_checkpoint_into(state, *found)            # a bad checkpoint: nothing written
-        writer.start()
-        if resume:
-            writer.truncate_after(found[0] if found else -1)
-            if found is None:
-                logger.warning("%s has no checkpoint yet (killed before its first save): "
-                               "restarting it from step 0 in place", out)
-            else:
-                logger.info("resumed %s from step %d", out, found[0])
+        if resume:                  # a bad checkpoint raises before the writer writes anything
+            resume_from_checkpoint(writer, state)
+        else:
+            writer.start()
     except BaseException:
         writer.release()
         raise

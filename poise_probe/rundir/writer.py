@@ -211,6 +211,11 @@ class RunWriter:
             self._create(config_text, meta, commit)
 
     @property
+    def started(self) -> bool:
+        """Whether `start()` has written the run's files (always, unless `start=False`)."""
+        return self._pending is None
+
+    @property
     def stored_config(self) -> dict:
         """The run's config.yaml as it is on disk ({} for a new run or a missing file)."""
         path = self._path("config.yaml")

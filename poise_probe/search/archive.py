@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from poise_probe.search.figures import run_name
+
 __all__ = ["ARCHIVE_KIND", "Archive", "Trial"]
 
 ARCHIVE_KIND = "poise-mechanism-search"
@@ -39,7 +41,7 @@ class Trial:
 
     @property
     def run_name(self) -> str:
-        return f"t{self.id:04d}"
+        return run_name(self.id)
 
 
 class Archive:

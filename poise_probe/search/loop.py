@@ -28,7 +28,8 @@ import pandas as pd
 from poise_probe.search.acquisition import Node, Weights, acquisition
 from poise_probe.search.archive import Archive, Trial
 from poise_probe.search.operators import propose, random_candidate
-from poise_probe.search.space import BASELINE, GENES, Gene, check, describe
+from poise_probe.search.figures import ranked, run_name, seed_scores
+from poise_probe.search.space import BASELINE, GENES, Gene, check, describe, overrides
 
 __all__ = ["ANALYSIS", "run_search", "summarise", "trial_overrides"]
 
@@ -40,8 +41,6 @@ STEP_CAP = 10_000
 
 def trial_overrides(settings: dict, trial: Trial, space: tuple[Gene, ...] = GENES) -> list[str]:
     """Everything a trial's run is configured with: base recipe, genes, budget and evaluation."""
-    from poise_probe.search.space import overrides
-
     return (list(settings["base"]) + overrides(trial.genes, space) + [
         f"trainer.token_budget={settings['budget']}", f"trainer.total_steps={STEP_CAP}",
         f"trainer.seed={trial.seed}", "trainer.save_every=5", "trainer.keep_checkpoints=1",
@@ -79,10 +78,10 @@ def run_search(out: str | Path, *, budget: int, trials: int, workers: int = 1, s
     again = arch.unfinished()
     if again:
         say(f"resuming: {len(arch.done())} trials done, {len(again)} to finish")
-    pool = None if workers == 1 else ProcessPoolExecutor(
+    pool = _Inline() if workers == 1 else ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
         initializer=_die_with_parent)
-    flying: dict[Future | int, Trial] = {}          # futures, or trial ids run inline
+    flying: dict[Future, Trial] = {}
     try:
         while True:
             while len(flying) < workers:
@@ -92,24 +91,15 @@ def run_search(out: str | Path, *, budget: int, trials: int, workers: int = 1, s
                 trial.state = "running"
                 arch.save()
                 say(f"{trial.run_name} ({trial.op}{_parents(trial)}): {describe(trial.genes)}")
-                key = pool.submit(train_trial, _trial_config(settings, trial),
-                                  str(arch.run_dir(trial))) if pool else trial.id
-                flying[key] = trial
+                flying[pool.submit(train_trial, _trial_config(settings, trial),
+                                   str(arch.run_dir(trial)))] = trial
             if not flying:
                 break
-            if pool is None:                    # one at a time, in this process
-                key, trial = next(iter(flying.items()))
-                del flying[key]
-                _finish(arch, trial, _call(train_trial, _trial_config(settings, trial),
-                                           str(arch.run_dir(trial))), say)
-                continue
             done, _ = wait(list(flying), return_when=FIRST_COMPLETED)
             for fut in done:
-                trial = flying.pop(fut)
-                _finish(arch, trial, _result(fut), say)
+                _finish(arch, flying.pop(fut), _result(fut), say)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
     tables = summarise(arch)
     _write_study(arch, tables, png)
     best = tables["best"]
@@ -121,8 +111,24 @@ def run_search(out: str | Path, *, budget: int, trials: int, workers: int = 1, s
     return tables
 
 
+class _Inline:
+    """`--workers 1`: each trial runs in this process when submitted; a done Future comes back,
+    so the loop has one path for both."""
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except Exception as exc:  # the trial failed, the search goes on
+            fut.set_exception(exc)
+        return fut
+
+    def shutdown(self, **_kwargs) -> None:
+        pass
+
+
 def _parents(trial: Trial) -> str:
-    return f" of {', '.join(f't{p:04d}' for p in trial.parents)}" if trial.parents else ""
+    return f" of {', '.join(run_name(p) for p in trial.parents)}" if trial.parents else ""
 
 
 def _trial_config(settings: dict, trial: Trial) -> dict:
@@ -211,13 +217,6 @@ def train_trial(cfg: dict, run_dir: str) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-def _call(fn, *args) -> dict:
-    try:
-        return fn(*args)
-    except Exception as exc:  # the trial failed, the search goes on
-        return {"error": f"{type(exc).__name__}: {exc}"}
-
-
 def _result(fut: Future) -> dict:
     try:
         return fut.result()
@@ -246,7 +245,7 @@ def summarise(arch: Archive) -> dict[str, pd.DataFrame]:
     rows = []
     for t in arch.trials:
         row = {"id": t.id, "run": t.run_name, "op": t.op,
-               "parents": ",".join(f"t{p:04d}" for p in t.parents),
+               "parents": ",".join(run_name(p) for p in t.parents),
                "repeat_of": t.repeat_of, "seed": t.seed, "label": describe(t.genes),
                **{f"gene.{k}": v for k, v in t.genes.items()}, "state": t.state,
                "score": t.score, "tokens": t.tokens, "steps": t.steps, "seconds": t.seconds,
@@ -254,8 +253,6 @@ def summarise(arch: Archive) -> dict[str, pd.DataFrame]:
         row.update({f"acq.{k}": v for k, v in terms.get(t.id, {}).items()})
         rows.append(row)
     trials = pd.DataFrame(rows)
-    from poise_probe.search.figures import ranked, seed_scores
-
     plain = [asdict(t) for t in arch.trials]
     scores, by_id = seed_scores(plain), {t.id: t for t in arch.trials}
     best, groups = [], []
@@ -264,7 +261,7 @@ def summarise(arch: Archive) -> dict[str, pd.DataFrame]:
         sd = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
         best.append({"run": t.run_name, "label": describe(t.genes), "score": t.score,
                      "n_seeds": len(values), "mean": float(np.mean(values)), "sd": sd,
-                     "overrides": " ".join(_gene_overrides(t))})
+                     "overrides": " ".join(overrides(t.genes))})
         if len(values) > 1:
             groups.append(values)
     pooled = (math.sqrt(sum((len(g) - 1) * np.var(g, ddof=1) for g in groups)
@@ -273,12 +270,6 @@ def summarise(arch: Archive) -> dict[str, pd.DataFrame]:
                                     "runs": sum(len(g) for g in groups),
                                     "pooled_sd": pooled}])
     return {"trials": trials, "best": pd.DataFrame(best), "seed_variation": seed_variation}
-
-
-def _gene_overrides(trial: Trial) -> list[str]:
-    from poise_probe.search.space import overrides
-
-    return overrides(trial.genes)
 
 
 def _write_study(arch: Archive, tables: dict[str, pd.DataFrame], png: bool) -> None:
